@@ -1,0 +1,31 @@
+# Two entry points that work on a fresh machine (Python 3.10-3.12 with venv):
+#   make demo   - install into .venv and run a short OTFace training on synthetic identities
+#   make test   - install into .venv (with test extras) and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build; an unpinned torch may pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q setuptools wheel
+	$(VENV)/bin/pip install -q "$(TORCH_PIN)"
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: install demo test bench clean
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/otface-demo
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	@if [ -f .ci/mxnet_compat.sh ]; then bash .ci/mxnet_compat.sh; fi
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/bench_ot.py
+	$(VENV)/bin/python benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
