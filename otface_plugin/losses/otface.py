@@ -1,0 +1,251 @@
+"""The OTFace loss: margin softmax plus an optimal-transport term on hard triplets.
+
+Qian et al., "OTFace: Hard Samples Guided Optimal Transport Loss for Deep Face Representation",
+IEEE TMM 2022, arXiv:2203.14461. From the abstract: hard sample groups are found by a triplet
+scheme in each mini-batch, optimal transport measures the distribution differences of their
+high-level convolutional features, and the OT term is added to a margin-based softmax. The
+concrete choices here (batch-hard mining, per-image descriptor distributions, cosine cost,
+entropic Sinkhorn, hinge on W(a,p) - W(a,n)) are this project's; see README "Method".
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.nn import functional as F
+
+from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
+from otface_plugin.mining import TRIPLET_MODES, mine_triplets
+from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
+from otface_plugin.registry import register_loss
+
+__all__ = ["OTFaceLoss", "OTFaceTerm"]
+
+FEATURES = ("conv", "embedding")
+OT_FORMS = ("hinge", "softplus")
+COSINE_COST_SPAN = 2.0  # cosine costs of unit vectors lie in [0, 2]
+MIN_EPS = 1e-4
+
+
+class OTFaceTerm(torch.nn.Module):
+    """The unweighted OT term ``L_OT`` on the hard triplets of a batch.
+
+    ``feature="conv"``: each image is a uniform distribution over its H*W local descriptors
+    (channels L2-normalised) of a (B, C, H, W) conv map; for every hard triplet the loss is
+    ``max(0, W(a, p) - W(a, n) + ot_margin)``, averaged. ``feature="embedding"``: one OT problem
+    between the set of hard anchors' embeddings and the set of their positives, one with their
+    negatives, and the same hinge on the two costs.
+    """
+
+    def __init__(
+        self,
+        eps: float = 0.05,
+        iters: int = 50,
+        feature: str = "conv",
+        triplet_mode: str = "hard",
+        triplet_margin: float = 0.1,
+        ot_margin: float = 0.05,
+        ot_form: str = "hinge",
+        grad: str = "envelope",
+        eps_start: Optional[float] = None,
+        max_triplets: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("feature", feature, FEATURES)
+        _check_choice("triplet_mode", triplet_mode, TRIPLET_MODES)
+        _check_choice("ot_form", ot_form, OT_FORMS)
+        _check_choice("grad", grad, ("envelope", "autodiff"))
+        _check_positive("eps", eps)
+        if eps < MIN_EPS:
+            raise ValueError(
+                f"OTFace option eps={eps!r} is below {MIN_EPS}: with cosine costs the float32 Sinkhorn plan "
+                "loses its precision there (exp of differences of numbers ~2/eps); use eps >= 1e-4"
+            )
+        _check_finite("triplet_margin", triplet_margin)
+        _check_finite("ot_margin", ot_margin)
+        if eps_start is not None:
+            _check_positive("eps_start", eps_start)
+        if not (isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1):
+            raise ValueError(f"OTFace option iters must be a positive integer, got {iters!r}")
+        if max_triplets is not None and not (isinstance(max_triplets, int) and max_triplets >= 1):
+            raise ValueError(f"OTFace option max_triplets must be a positive integer or None, got {max_triplets!r}")
+        self.eps, self.iters, self.feature = float(eps), iters, feature
+        self.triplet_mode, self.triplet_margin = triplet_mode, float(triplet_margin)
+        self.ot_margin, self.ot_form, self.grad = float(ot_margin), ot_form, grad
+        self.eps_start, self.max_triplets = eps_start, max_triplets
+        # Cosine costs have a known span, so the solver's method is fixed without a host sync.
+        self.method = "kernel" if COSINE_COST_SPAN / self.eps <= KERNEL_SPAN_LIMIT[torch.float32] else "lse"
+        self.last: Dict[str, torch.Tensor] = {}
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        features: Optional[torch.Tensor] = None,
+        logits: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        labels = labels.view(-1)
+        if self.feature == "conv":
+            if features is None:
+                raise ValueError(
+                    "OTFace feature='conv' needs the backbone's conv feature maps (B, C, H, W): pass "
+                    "features=..., e.g. from otface_plugin.features.FeatureCapture, or set feature='embedding'"
+                )
+            if features.dim() != 4 or features.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"conv features must be (B, C, H, W) with B={labels.shape[0]}, got {tuple(features.shape)}"
+                )
+        a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
+        a, p, n = self._cap(embeddings, a, p, n)
+        device = embeddings.device
+        zero = torch.zeros((), device=device)
+        self.last = {"triplets": torch.tensor(float(a.numel()), device=device), "w_ap": zero, "w_an": zero}
+        if a.numel() == 0:
+            return zero
+
+        if self.feature == "conv":
+            desc = features.flatten(2).transpose(1, 2)  # (B, H*W, C)
+            cost = torch.cat([cosine_cost(desc[a], desc[p]), cosine_cost(desc[a], desc[n])], dim=0)
+        else:
+            cost = torch.stack([cosine_cost(embeddings[a][None], embeddings[p][None])[0],
+                                cosine_cost(embeddings[a][None], embeddings[n][None])[0]], dim=0)
+        w = sinkhorn(cost, eps=self.eps, iters=self.iters, grad=self.grad,
+                     eps_start=self.eps_start, method=self.method).cost
+        w_ap, w_an = w.chunk(2)
+        gap = w_ap - w_an + self.ot_margin
+        per_triplet = F.relu(gap) if self.ot_form == "hinge" else F.softplus(gap)
+        self.last.update(w_ap=w_ap.detach().mean(), w_an=w_an.detach().mean())
+        return per_triplet.mean()
+
+    def _cap(self, embeddings, a, p, n):
+        """Keep the ``max_triplets`` most violating triplets (memory bound for huge batches)."""
+        if self.max_triplets is None or a.numel() <= self.max_triplets:
+            return a, p, n
+        with torch.no_grad():
+            x = F.normalize(embeddings.detach().float(), dim=1)
+            violation = (x[a] * x[n]).sum(1) - (x[a] * x[p]).sum(1)
+            keep = violation.topk(self.max_triplets).indices
+        return a[keep], p[keep], n[keep]
+
+
+@register_loss("otface")
+class OTFaceLoss(torch.nn.Module):
+    """``L = L_margin + lambda * L_OT`` with a linear warm-up of lambda.
+
+    The margin part is ``margin_loss(embeddings, labels)`` when a module is given (inside
+    arcface_torch: its PartialFC_V2), else an own :class:`MarginSoftmaxLoss` built from
+    ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"`` or an
+    ``(m1, m2, m3)`` tuple). The step counter is a buffer, so it is saved with the state dict
+    and a resumed run continues the warm-up where it stopped.
+
+    After a forward, :meth:`components` returns the logged parts as floats.
+    """
+
+    def __init__(
+        self,
+        margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        num_classes: Optional[int] = None,
+        embedding_size: int = 512,
+        margin="arcface",
+        s: float = 64.0,
+        lambda_ot: float = 0.1,
+        eps: float = 0.05,
+        iters: int = 50,
+        feature: str = "conv",
+        triplet_mode: str = "hard",
+        triplet_margin: float = 0.1,
+        ot_margin: float = 0.05,
+        ot_form: str = "hinge",
+        warmup_steps: int = 0,
+        grad: str = "envelope",
+        eps_start: Optional[float] = None,
+        max_triplets: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        _check_finite("lambda_ot", lambda_ot)
+        if lambda_ot < 0:
+            raise ValueError(f"OTFace option lambda_ot must be >= 0, got {lambda_ot!r}")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ValueError(f"OTFace option warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if margin_loss is None:
+            if num_classes is None:
+                raise ValueError("OTFaceLoss needs either margin_loss (e.g. a PartialFC_V2 module) or num_classes")
+            m1, m2, m3 = _margin_triple(margin)
+            margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
+        elif not callable(margin_loss):
+            raise TypeError(f"margin_loss must be callable (embeddings, labels) -> loss, got {type(margin_loss)}")
+        self.margin_loss = margin_loss
+        self.ot_term = OTFaceTerm(eps, iters, feature, triplet_mode, triplet_margin, ot_margin, ot_form,
+                                  grad, eps_start, max_triplets)
+        self.lambda_ot = float(lambda_ot)
+        self.warmup_steps = warmup_steps
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._last: Dict[str, torch.Tensor] = {}
+
+    def current_lambda(self) -> torch.Tensor:
+        """lambda at the current step, as a 0-d tensor on the step buffer's device (no sync)."""
+        if self.warmup_steps == 0:
+            return torch.full((), self.lambda_ot, device=self.step.device)
+        return self.lambda_ot * (self.step.float() / self.warmup_steps).clamp(max=1.0)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        features: Optional[torch.Tensor] = None,
+        logits: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        # PartialFC_V2 squeezes its labels in place; keep our own flat view.
+        labels = labels.detach().reshape(-1).clone()
+        margin_part = self.margin_loss(embeddings, labels.clone())
+        if logits is None and self.ot_term.triplet_mode == "misclassified":
+            logits = getattr(self.margin_loss, "last_cosine", None)
+            if logits is None:
+                raise ValueError(
+                    "triplet_mode='misclassified' needs logits: pass logits=... or use a margin loss "
+                    "that records last_cosine"
+                )
+        lam = self.current_lambda()
+        ot_part = self.ot_term(embeddings, labels, features, logits)
+        total = margin_part + lam * ot_part
+        if self.training:
+            self.step += 1
+        self._last = {"loss": total.detach(), "margin": margin_part.detach(), "ot": ot_part.detach(),
+                      "lambda": lam.detach(), **self.ot_term.last}
+        return total
+
+    def components(self) -> Dict[str, float]:
+        """Last forward's parts as floats: loss, margin, ot, lambda, triplets, w_ap, w_an.
+
+        Reading them synchronises with the device: call it when logging, not every step.
+        """
+        return {k: float(v) for k, v in self._last.items()}
+
+
+def _margin_triple(margin):
+    if isinstance(margin, str):
+        if margin not in MARGIN_PRESETS:
+            raise ValueError(f"unknown margin {margin!r}; use one of {sorted(MARGIN_PRESETS)} or (m1, m2, m3)")
+        return MARGIN_PRESETS[margin]
+    try:
+        m1, m2, m3 = (float(m) for m in margin)
+    except (TypeError, ValueError):
+        raise ValueError(f"margin must be a preset name or (m1, m2, m3), got {margin!r}") from None
+    return m1, m2, m3
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"OTFace option {name} must be one of {choices}, got {value!r}")
+
+
+def _check_finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"OTFace option {name} must be a finite number, got {value!r}")
+
+
+def _check_positive(name, value):
+    _check_finite(name, value)
+    if value <= 0:
+        raise ValueError(f"OTFace option {name} must be > 0, got {value!r}")

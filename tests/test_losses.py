@@ -1,0 +1,266 @@
+"""Margin heads (against a reference derivation and, when available, the recipe's own code)
+and the OTFace loss."""
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otface_plugin.features import FeatureCapture
+from otface_plugin.losses import MarginSoftmaxLoss, OTFaceLoss, OTFaceTerm, margin_logits
+
+MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "sphereface-like": (1.35, 0.0, 0.0),
+           "combined": (1.0, 0.3, 0.2)}
+
+
+def reference_logits(cos, labels, s, m1, m2, m3):
+    """Combined margin, derived independently in numpy float64: target -> cos(m1*acos(c)+m2)-m3."""
+    out = cos.astype(np.float64).copy()
+    for i, y in enumerate(labels):
+        if y >= 0:
+            out[i, y] = math.cos(m1 * math.acos(cos[i, y]) + m2) - m3
+    return out * s
+
+
+def random_cosines(B=16, C=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cos = torch.rand(B, C, generator=g) * 1.8 - 0.9
+    labels = torch.randint(0, C, (B,), generator=g)
+    labels[3] = -1  # a sample whose class lives on another rank
+    return cos, labels
+
+
+@pytest.mark.parametrize("name", list(MARGINS))
+def test_margin_logits_match_reference_derivation(name):
+    m1, m2, m3 = MARGINS[name]
+    cos, labels = random_cosines(seed=len(name))
+    got = margin_logits(cos, labels, 64.0, m1, m2, m3).double().numpy()
+    np.testing.assert_allclose(got, reference_logits(cos.numpy(), labels.numpy(), 64.0, m1, m2, m3), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface"])
+def test_recipe_gradient_is_straight_through_on_the_angle(name):
+    # arcface_torch edits the target logit under no_grad, so d loss / d cos = s * (softmax - onehot) / B
+    m1, m2, m3 = MARGINS[name]
+    cos, labels = random_cosines(seed=1)
+    labels[3] = 2
+    cos.requires_grad_()
+    logits = margin_logits(cos, labels, 64.0, m1, m2, m3)
+    F.cross_entropy(logits, labels).backward()
+    expected = 64.0 * (torch.softmax(logits.detach(), 1) - F.one_hot(labels, 10)) / len(labels)
+    torch.testing.assert_close(cos.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_exact_gradient_differentiates_the_formula():
+    cos, labels = random_cosines(seed=2)
+    labels[3] = 0
+    cos = cos.double().requires_grad_()
+    torch.autograd.gradcheck(lambda c: margin_logits(c, labels, 8.0, 1.0, 0.5, 0.1, grad="exact"), (cos,))
+
+
+def test_interclass_filtering_zeroes_non_target_cosines():
+    cos = torch.tensor([[0.5, 0.45, -0.2], [0.41, 0.1, 0.9]])
+    out = margin_logits(cos, torch.tensor([0, 2]), 1.0, 1.0, 0.0, 0.0, interclass_filtering_threshold=0.4)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.0, -0.2], [0.0, 0.1, 0.9]]))
+
+
+def _recipe_losses_module():
+    root = os.environ.get("ARCFACE_TORCH_DIR")
+    if not root:
+        pytest.skip("ARCFACE_TORCH_DIR is not set: no arcface_torch checkout to compare with")
+    spec = importlib.util.spec_from_file_location("recipe_losses", Path(root) / "losses.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.upstream
+@pytest.mark.parametrize("name", ["arcface", "cosface"])
+def test_equal_to_recipe_combined_margin_loss(name):
+    recipe = _recipe_losses_module()
+    m1, m2, m3 = MARGINS[name]
+    cos, labels = random_cosines(seed=3)
+    theirs_in = cos.clone().requires_grad_()
+    ours_in = cos.clone().requires_grad_()
+    theirs = recipe.CombinedMarginLoss(64, m1, m2, m3)(theirs_in * 1.0, labels.view(-1, 1))
+    ours = margin_logits(ours_in, labels, 64.0, m1, m2, m3)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+    valid = labels != -1
+    F.cross_entropy(theirs[valid], labels[valid]).backward()
+    F.cross_entropy(ours[valid], labels[valid]).backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-5, rtol=1e-4)
+
+
+class TinyBackbone(torch.nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.layer1 = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.layer4 = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(24 * 4 * 4, dim)
+
+    def forward(self, x):
+        x = self.layer4(torch.relu(self.layer1(x)))
+        return self.fc(torch.relu(x).flatten(1))
+
+
+def pk_batch(P=4, K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(P, 3, 16, 16, generator=g)
+    images = protos.repeat_interleave(K, 0) + 0.8 * torch.randn(P * K, 3, 16, 16, generator=g)
+    return images, torch.arange(P).repeat_interleave(K)
+
+
+def test_otface_loss_finite_and_gradients_reach_conv_features():
+    torch.manual_seed(0)
+    net = TinyBackbone()
+    capture = FeatureCapture(net, "layer4")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=32, lambda_ot=1.0, triplet_mode="all")
+    images, labels = pk_batch()
+    emb = net(images)
+    conv = capture.pop()
+    conv.retain_grad()
+    loss = loss_fn(emb, labels, features=conv)
+    loss.backward()
+    c = loss_fn.components()
+    assert set(c) == {"loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an"}
+    assert math.isfinite(c["loss"]) and c["triplets"] == 16 and c["ot"] > 0
+    assert c["loss"] == pytest.approx(c["margin"] + c["lambda"] * c["ot"], rel=1e-6)
+    assert torch.isfinite(conv.grad).all() and conv.grad.abs().sum() > 0
+    # the OT part alone moves the conv stage
+    net.zero_grad()
+    emb = net(images)
+    loss_fn.ot_term(emb, labels, capture.pop()).backward()
+    assert net.layer4.weight.grad.abs().sum() > 0
+
+
+def test_ot_term_matches_manual_computation():
+    from otface_plugin.mining import mine_triplets
+    from otface_plugin.ot import cosine_cost, sinkhorn
+
+    torch.manual_seed(1)
+    emb, feats = torch.randn(8, 16), torch.randn(8, 12, 3, 3)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    term = OTFaceTerm(triplet_mode="all", ot_margin=0.5, eps=0.1, iters=80)
+    value = term(emb, labels, feats)
+    a, p, n = mine_triplets(emb, labels, mode="all")
+    d = F.normalize(feats.flatten(2).transpose(1, 2), dim=2)
+    w_ap = sinkhorn(cosine_cost(d[a], d[p]), eps=0.1, iters=80, method="lse").cost
+    w_an = sinkhorn(cosine_cost(d[a], d[n]), eps=0.1, iters=80, method="lse").cost
+    torch.testing.assert_close(value, torch.relu(w_ap - w_an + 0.5).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_no_triplets_gives_zero_not_nan():
+    loss_fn = OTFaceLoss(num_classes=8, embedding_size=16)
+    emb = torch.randn(8, 16, requires_grad=True)
+    loss = loss_fn(emb, torch.arange(8), features=torch.randn(8, 4, 2, 2))
+    loss.backward()
+    c = loss_fn.components()
+    assert c["ot"] == 0.0 and c["triplets"] == 0 and torch.isfinite(emb.grad).all()
+
+
+def test_embedding_feature_mode():
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding", triplet_mode="all", lambda_ot=1.0)
+    emb = torch.randn(16, 16, requires_grad=True)
+    loss = loss_fn(emb, torch.arange(4).repeat_interleave(4))
+    loss.backward()
+    assert loss_fn.components()["triplets"] == 16 and torch.isfinite(emb.grad).all()
+
+
+def test_misclassified_mode_uses_own_head_logits():
+    torch.manual_seed(2)
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, triplet_mode="misclassified", feature="embedding")
+    emb = torch.randn(16, 16)
+    labels = torch.arange(4).repeat_interleave(4)
+    loss_fn(emb, labels)
+    wrong = (loss_fn.margin_loss.last_cosine.argmax(1) != labels).sum().item()
+    assert loss_fn.components()["triplets"] == wrong > 0
+
+
+def test_warmup_and_step_buffer_resume():
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, lambda_ot=0.2, warmup_steps=4, feature="embedding")
+    emb, labels = torch.randn(8, 16), torch.arange(4).repeat_interleave(2)
+    lambdas = []
+    for _ in range(6):
+        loss_fn(emb, labels)
+        lambdas.append(loss_fn.components()["lambda"])
+    assert lambdas == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2])
+    resumed = OTFaceLoss(num_classes=4, embedding_size=16, lambda_ot=0.2, warmup_steps=4, feature="embedding")
+    resumed.load_state_dict(loss_fn.state_dict())
+    assert int(resumed.step) == 6
+    loss_fn.eval()
+    loss_fn(emb, labels)
+    assert int(loss_fn.step) == 6  # evaluation does not advance the schedule
+
+
+def test_external_margin_loss_is_used():
+    calls = []
+
+    def margin(emb, labels):
+        calls.append(labels.shape)
+        labels.squeeze_()  # as PartialFC_V2 does
+        return emb.sum() * 0 + 1.5
+
+    loss_fn = OTFaceLoss(margin_loss=margin, feature="embedding", lambda_ot=0.0)
+    out = loss_fn(torch.randn(6, 8), torch.tensor([[0], [0], [1], [1], [2], [2]]))
+    assert out.item() == 1.5 and calls == [torch.Size([6])]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(eps=0.0), "eps"),
+        (dict(eps=1e-6), "eps"),
+        (dict(lambda_ot=float("nan")), "lambda_ot"),
+        (dict(lambda_ot=-1.0), "lambda_ot"),
+        (dict(feature="pixels"), "feature"),
+        (dict(triplet_mode="semi"), "triplet_mode"),
+        (dict(ot_form="square"), "ot_form"),
+        (dict(iters=0), "iters"),
+        (dict(warmup_steps=-3), "warmup_steps"),
+        (dict(margin="sphereface"), "margin"),
+    ],
+)
+def test_bad_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OTFaceLoss(num_classes=4, embedding_size=8, **kwargs)
+
+
+def test_conv_mode_without_features_is_a_clear_error():
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=8)
+    with pytest.raises(ValueError, match="conv feature maps"):
+        loss_fn(torch.randn(4, 8), torch.tensor([0, 0, 1, 1]))
+
+
+def test_feature_capture_unwraps_and_names_missing_layer():
+    net = TinyBackbone()
+    wrapped = torch.nn.DataParallel(net)
+    cap = FeatureCapture(wrapped, "layer4")
+    net(torch.randn(2, 3, 16, 16))
+    assert cap.pop().shape == (2, 24, 4, 4)
+    with pytest.raises(RuntimeError, match="no output"):
+        cap.pop()
+    with pytest.raises(ValueError, match="layer9"):
+        FeatureCapture(net, "layer9")
+
+
+def test_standalone_training_separates_identities():
+    """A few steps of the documented standalone loop reduce the loss."""
+    torch.manual_seed(3)
+    net = TinyBackbone()
+    capture = FeatureCapture(net, "layer4")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=32, s=16.0, lambda_ot=0.5)
+    opt = torch.optim.SGD(list(net.parameters()) + list(loss_fn.parameters()), lr=0.05, momentum=0.9)
+    images, labels = pk_batch(seed=4)
+    losses = []
+    for _ in range(30):
+        loss = loss_fn(net(images), labels, features=capture.pop())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
