@@ -1,0 +1,124 @@
+"""Training-step cost of the OT term: backbone + margin head, with and without OTFace.
+
+One step = forward + backward of a ResNet-50-sized face backbone at 112 x 112 (improved
+residual units as in ArcFace, stages [3, 4, 14, 3], layer4 = 512 x 7 x 7, 512-d embedding) and
+a margin softmax head; "otface" adds the OT term on the layer4 maps of the same batch. The two
+variants alternate step by step on the same batch so that machine noise hits both alike; the
+table gives medians and the ratio.
+
+    python benchmarks/bench_step.py [--P 2 --K 4] [--steps 5] [--device cpu]
+
+With ARCFACE_TORCH_DIR set, ``--backbone upstream`` uses the recipe's own iresnet50 instead.
+On a GPU the recipe's batch (128 per GPU, P=32 x K=4) is the meaningful one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from otface_plugin.features import FeatureCapture
+from otface_plugin.losses import MarginSoftmaxLoss, OTFaceLoss
+
+
+class IRBlock(nn.Module):
+    """BN-conv-BN-PReLU-conv(stride)-BN with a projection shortcut when the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+class IResNet50Like(nn.Module):
+    def __init__(self, layers=(3, 4, 14, 3), widths=(64, 128, 256, 512), embedding_size=512):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        stages, cin = [], 64
+        for n, w in zip(layers, widths):
+            blocks = [IRBlock(cin, w, 2)] + [IRBlock(w, w, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn2 = nn.BatchNorm2d(512)
+        self.fc = nn.Linear(512 * 7 * 7, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.features(self.fc(self.bn2(x).flatten(1)))
+
+
+def upstream_r50():
+    root = os.environ.get("ARCFACE_TORCH_DIR")
+    if not root:
+        raise SystemExit("--backbone upstream needs ARCFACE_TORCH_DIR (an arcface_torch checkout)")
+    sys.path.insert(0, root)
+    from backbones import get_model  # the recipe's own factory, imported, not copied
+    return get_model("r50", dropout=0.0, fp16=False, num_features=512)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--P", type=int, default=2, help="identities per batch")
+    p.add_argument("--K", type=int, default=4, help="images per identity")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", choices=["builtin", "upstream"], default="builtin")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    net = (IResNet50Like() if args.backbone == "builtin" else upstream_r50()).to(device)
+    capture = FeatureCapture(net, "layer4")
+    head = MarginSoftmaxLoss(args.classes, 512).to(device)
+    otface = OTFaceLoss(margin_loss=head, lambda_ot=0.1, triplet_mode="all").to(device)
+    B = args.P * args.K
+    images = torch.randn(B, 3, 112, 112, device=device)
+    labels = torch.arange(args.P, device=device).repeat_interleave(args.K)
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+
+    def step(variant):
+        net.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        emb = net(images)
+        feats = capture.pop()
+        loss = head(emb, labels) if variant == "margin" else otface(emb, labels, features=feats)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {"margin": [], "otface": []}
+    for v in times:  # warm-up
+        step(v)
+    for _ in range(args.steps):
+        for v in times:
+            t = time.perf_counter()
+            step(v)
+            times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    triplets = int(otface.components()["triplets"])
+    print(f"\n{args.backbone} backbone ({params:.1f} M parameters), batch {B} = {args.P} x {args.K} at 112x112, "
+          f"{triplets} triplets of 49x49 layer4 descriptors, device={args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} alternating steps")
+    print(f"{'variant':<22} {'median s/step':>14} {'ratio':>7}")
+    print("-" * 45)
+    print(f"{'margin softmax':<22} {med['margin']:>14.3f} {1.0:>7.3f}")
+    print(f"{'margin + OT (OTFace)':<22} {med['otface']:>14.3f} {med['otface'] / med['margin']:>7.3f}")
+    print(f"\nOT term adds {100 * (med['otface'] / med['margin'] - 1):+.1f}% to the step (target <= +5%)")
+
+
+if __name__ == "__main__":
+    main()
