@@ -1,0 +1,131 @@
+"""otface-data: build InsightFace-format face datasets (.rec/.idx, verification .bin) from
+one folder per identity, inspect them, and make identity-disjoint splits. No mxnet needed."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from otface_plugin.data.errors import DatasetLayoutError, RecordIOError
+
+__all__ = ["main"]
+
+
+def _identities(args) -> Optional[List[str]]:
+    from otface_plugin.data.folders import read_identity_list
+
+    return read_identity_list(args.identities_from) if args.identities_from else None
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", type=int, default=112,
+                   help="square output size in pixels; 0 keeps the original size (default 112)")
+    p.add_argument("--resize-mode", choices=("crop", "stretch"), default="crop",
+                   help="crop: centre-crop to a square, then resize (default); stretch: resize")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--format", dest="img_fmt", choices=(".jpg", ".png"), default=".jpg")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
+    p.add_argument("--identities-from", metavar="LIST",
+                   help="only these identity folders (one name per line, e.g. from `split`)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="otface-data", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("build-rec", help="identity folders -> .rec/.idx (InsightFace layout)")
+    p.add_argument("image_dir")
+    p.add_argument("out_prefix", help="PREFIX -> PREFIX.rec/.idx; an existing directory or a "
+                   "path ending in '/' -> DIR/train.rec, DIR/train.idx, DIR/property")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and list) unreadable images and empty identity folders")
+    _add_image_options(p)
+
+    p = sub.add_parser("build-bin", help="identity folders -> verification .bin (LFW-style)")
+    p.add_argument("image_dir")
+    p.add_argument("out_bin")
+    p.add_argument("--pairs", type=int, required=True, help="number of pairs (half same)")
+    p.add_argument("--folds", type=int, default=10, help="identity-disjoint folds (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_image_options(p)
+
+    p = sub.add_parser("inspect", help="summarise a .rec (or a directory with train.rec)")
+    p.add_argument("rec")
+    p.add_argument("--verify", action="store_true", help="decode every image")
+    p.add_argument("--no-cache", action="store_true", help="do not read/write the label cache")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("split", help="identity-disjoint train/holdout lists of folder names")
+    p.add_argument("image_dir")
+    p.add_argument("--holdout-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-list", required=True, help="output: train identity names")
+    p.add_argument("--holdout-list", required=True, help="output: held-out identity names")
+    return ap
+
+
+def _run(args) -> int:
+    progress = False if getattr(args, "no_progress", False) else None
+    if args.cmd == "build-rec":
+        from otface_plugin.data.rec_builder import build_rec
+
+        r = build_rec(args.image_dir, args.out_prefix, workers=args.workers,
+                      resize=args.resize or None, resize_mode=args.resize_mode,
+                      skip_bad=args.skip_bad, quality=args.quality, img_fmt=args.img_fmt,
+                      identities=_identities(args), overwrite=args.force, progress=progress)
+        for path, why in r.skipped:
+            print(f"skipped {path}: {why}", file=sys.stderr)
+        print(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
+                                              else "")
+              + f": {r.num_identities} identities, {r.num_images} images"
+              + (f", {len(r.skipped)} skipped" if r.skipped else ""))
+    elif args.cmd == "build-bin":
+        from otface_plugin.data.bin_builder import build_bin
+
+        r = build_bin(args.image_dir, args.out_bin, args.pairs, folds=args.folds,
+                      seed=args.seed, resize=args.resize or None, resize_mode=args.resize_mode,
+                      quality=args.quality, img_fmt=args.img_fmt,
+                      identities=_identities(args), workers=args.workers,
+                      overwrite=args.force, progress=progress)
+        print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
+              f"folds, {r.num_identities} identities, {r.num_images} images")
+    elif args.cmd == "inspect":
+        from otface_plugin.data.inspect_rec import format_summary, inspect_rec
+
+        s = inspect_rec(args.rec, verify=args.verify, cache=not args.no_cache)
+        print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    elif args.cmd == "split":
+        from otface_plugin.data.folders import scan_identity_folders, split_identities
+
+        names = [f.name for f in scan_identity_folders(args.image_dir, skip_empty=True)]
+        train, hold = split_identities(names, args.holdout_fraction, args.seed)
+        for path, items in ((args.train_list, train), (args.holdout_list, hold)):
+            Path(path).write_text("".join(n + "\n" for n in items), encoding="utf-8")
+        print(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
+              f"{args.holdout_list}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (RecordIOError, DatasetLayoutError, FileExistsError, FileNotFoundError,
+            ValueError) as e:
+        print(f"otface-data {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"otface-data {args.cmd}: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

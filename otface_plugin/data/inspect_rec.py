@@ -1,0 +1,83 @@
+"""Summarise a ``.rec``: header, identities, images, image size, label range."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from otface_plugin.data.dataset import read_image_record
+from otface_plugin.data.encoding import progress_bar
+from otface_plugin.data.identity_index import IdentityIndex
+from otface_plugin.data.recordio import MXIndexedRecordIO, unpack
+
+__all__ = ["inspect_rec", "format_summary"]
+
+
+def _resolve(path: str):
+    if os.path.isdir(path):
+        path = os.path.join(path, "train.rec")
+    return path, os.path.splitext(path)[0] + ".idx"
+
+
+def inspect_rec(path: os.PathLike, *, verify: bool = False, cache: bool = True,
+                progress: Optional[bool] = None) -> Dict[str, Any]:
+    """Summary dict; ``verify`` decodes every image (errors name the record)."""
+    rec, idx = _resolve(os.fspath(path))
+    reader = MXIndexedRecordIO(idx, rec, "r")
+    try:
+        out: Dict[str, Any] = {"rec": rec, "idx": idx, "bytes": os.path.getsize(rec),
+                               "records": len(reader.keys)}
+        head = unpack(reader.read_idx(0))[0] if 0 in reader.idx else None
+        if head is not None and head.flag > 0:
+            out["header"] = {"flag": int(head.flag),
+                             "label": [float(x) for x in np.asarray(head.label)]}
+        else:
+            out["header"] = None
+        index = IdentityIndex.from_rec(rec, idx, cache=cache)
+        counts = index.counts
+        out.update(identities=index.num_identities, images=index.num_images,
+                   dataset_positions=index.num_positions, index_source=index.source)
+        if index.num_identities:
+            out["label_range"] = [int(index.identity_labels.min()),
+                                  int(index.identity_labels.max())]
+            out["images_per_identity"] = {"min": int(counts.min()),
+                                          "median": float(np.median(counts)),
+                                          "max": int(counts.max())}
+        if index.num_images:
+            first = int(index.record_ids(index.gather(np.array([0])))[0])
+            _, img = read_image_record(reader, first)
+            out["image_size"] = [int(img.shape[1]), int(img.shape[0]), int(img.shape[2])]
+        if verify:
+            keys = index.record_ids(index.gather(np.arange(index.num_images)))
+            bar = progress_bar(len(keys), "verify", progress)
+            for k in keys.tolist():
+                read_image_record(reader, k)
+                bar.update(1)
+            bar.close()
+            out["verified"] = int(len(keys))
+        return out
+    finally:
+        reader.close()
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    """Human-readable lines of an :func:`inspect_rec` summary."""
+    lines = [f"file:        {s['rec']} ({s['bytes']:,} bytes, {s['records']:,} records)"]
+    h = s["header"]
+    lines.append("header:      " + (f"flag={h['flag']} label={h['label']} (InsightFace identity "
+                                     f"ranges)" if h else "none (labels scanned)"))
+    lines.append(f"identities:  {s['identities']:,}")
+    lines.append(f"images:      {s['images']:,} (dataset positions {s['dataset_positions']:,})")
+    if "label_range" in s:
+        lo, hi = s["label_range"]
+        ipi = s["images_per_identity"]
+        lines.append(f"labels:      {lo} .. {hi}")
+        lines.append(f"per identity: min {ipi['min']}, median {ipi['median']:g}, max {ipi['max']}")
+    if "image_size" in s:
+        w, h_, c = s["image_size"]
+        lines.append(f"image size:  {w}x{h_}x{c} (first image)")
+    if "verified" in s:
+        lines.append(f"verified:    {s['verified']:,} images decode")
+    lines.append(f"index:       {s['index_source']}")
+    return "\n".join(lines)
