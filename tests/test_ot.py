@@ -97,11 +97,12 @@ def test_permuted_cloud_approaches_exact_assignment():
 
 
 def test_eps_annealing_converges_faster_at_small_eps():
-    C, _, _ = random_problem(B=4, N=30, M=30, D=4, seed=8)
-    converged = sinkhorn(C, eps=0.005, iters=20000).cost
+    C, _, _ = random_problem(B=2, N=30, M=30, D=4, seed=8)
+    converged = sinkhorn(C, eps=0.005, iters=3000, eps_start=1.0, anneal_iters=500).cost
+    torch.testing.assert_close(converged, sinkhorn(C, eps=0.005, iters=6000).cost, atol=2e-5, rtol=0)
     plain = sinkhorn(C, eps=0.005, iters=60).cost
     annealed = sinkhorn(C, eps=0.005, iters=60, eps_start=1.0).cost
-    assert (annealed - converged).abs().max() < (plain - converged).abs().max()
+    assert 10 * (annealed - converged).abs().max() < (plain - converged).abs().max()
 
 
 @pytest.mark.parametrize("grad", ["envelope", "autodiff"])
