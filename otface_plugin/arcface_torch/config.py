@@ -1,0 +1,335 @@
+"""Job configs for arcface_torch: YAML loading and the checks of the plugin's keys.
+
+A YAML job (``train_v2.py configs/NAME.yaml``) is merged over ``configs/base.py`` exactly as a
+python job is (``cfg = base.config; cfg.update(job)``; ``output`` defaults to
+``work_dirs/NAME``). Unlike python configs it is checked first: an unknown key or a value of the
+wrong type is an error that names the key, so a typo cannot silently train with a default.
+
+Keys the plugin adds (python and YAML configs alike):
+
+- ``loss``: unset (upstream), ``"arcface"``, ``"cosface"``, ``"combined"`` (upstream
+  CombinedMarginLoss with ``margin_list``) or ``"otface"``;
+- ``sampler``: ``"pk"`` (P identities x K images per batch; the default for otface) or
+  ``"distributed"`` (upstream's; the default otherwise);
+- ``num_instances``: K, images per identity in a P x K batch (default 4);
+- ``otface``: a mapping of OTFaceLoss options (``lambda_ot``, ``eps``, ``iters``, ``feature``,
+  ``triplet_mode``, ...), plus ``margin`` (``arcface``/``cosface``/[m1, m2, m3]) and ``layer``
+  (the backbone submodule whose output is the conv feature map, default ``layer4``).
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import math
+import os
+import os.path as osp
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+Number = (int, float)
+
+# key -> (accepted python types, description). None in a tuple means the key may be null.
+RECIPE_KEYS: Dict[str, Tuple[tuple, str]] = {
+    # configs/base.py
+    "margin_list": ((list, tuple), "a list of three numbers [m1, m2, m3]"),
+    "network": ((str,), "a backbone name such as r50"),
+    "resume": ((bool,), "true or false"),
+    "save_all_states": ((bool,), "true or false"),
+    "output": ((str, type(None)), "a directory or null"),
+    "embedding_size": ((int,), "an integer"),
+    "sample_rate": (Number, "a number"),
+    "interclass_filtering_threshold": (Number, "a number"),
+    "fp16": ((bool,), "true or false"),
+    "batch_size": ((int,), "an integer"),
+    "optimizer": ((str,), '"sgd" or "adamw"'),
+    "lr": (Number, "a number"),
+    "momentum": (Number, "a number"),
+    "weight_decay": (Number, "a number"),
+    "verbose": ((int,), "an integer"),
+    "frequent": ((int,), "an integer"),
+    "dali": ((bool,), "true or false"),
+    "dali_aug": ((bool,), "true or false"),
+    "gradient_acc": ((int,), "an integer"),
+    "seed": ((int,), "an integer"),
+    "num_workers": ((int,), "an integer"),
+    "wandb_key": ((str,), "a string"),
+    "suffix_run_name": ((str, type(None)), "a string or null"),
+    "using_wandb": ((bool,), "true or false"),
+    "wandb_entity": ((str,), "a string"),
+    "wandb_project": ((str,), "a string"),
+    "wandb_log_all": ((bool,), "true or false"),
+    "save_artifacts": ((bool,), "true or false"),
+    "wandb_resume": ((bool,), "true or false"),
+    "notes": ((str, type(None)), "a string or null"),
+    # the dataset part every job config sets
+    "rec": ((str,), "a directory with train.rec/train.idx, or 'synthetic'"),
+    "num_classes": ((int,), "an integer"),
+    "num_image": ((int,), "an integer"),
+    "num_epoch": ((int,), "an integer"),
+    "warmup_epoch": ((int,), "an integer"),
+    "val_targets": ((list, tuple), "a list of .bin names"),
+}
+PLUGIN_KEYS: Dict[str, Tuple[tuple, str]] = {
+    "loss": ((str, type(None)), "a loss name (arcface, cosface, combined, otface)"),
+    "sampler": ((str, type(None)), '"pk" or "distributed"'),
+    "num_instances": ((int,), "an integer"),
+    "otface": ((dict,), "a mapping of OTFace options"),
+}
+KNOWN_KEYS = {**RECIPE_KEYS, **PLUGIN_KEYS}
+
+SAMPLERS = ("pk", "distributed")
+RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
+MARGIN_PRESETS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
+# OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
+FROM_RECIPE = ("margin_loss", "num_classes", "embedding_size")
+HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}
+DEFAULT_LAYER = "layer4"
+DEFAULT_NUM_INSTANCES = 4
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has a value of the wrong type."""
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML
+def load_yaml_config(config_file: str, base_cfg: Any) -> Any:
+    """``get_config`` for ``configs/NAME.yaml``: check the job, merge it over ``base_cfg``."""
+    import yaml
+
+    path = _find(config_file)
+    with open(path, encoding="utf-8") as f:
+        try:
+            job = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_file}: not valid YAML: {exc}") from None
+    if job is None:
+        job = {}
+    if not isinstance(job, dict):
+        raise ConfigError(f"{config_file}: a job config must be a mapping of keys, got {type(job).__name__}")
+    job = check_job(job, where=config_file)
+    cfg = base_cfg
+    cfg.update(job)
+    if cfg.get("output") is None:
+        cfg.output = osp.join("work_dirs", osp.splitext(osp.basename(config_file))[0])
+    return cfg
+
+
+def _find(config_file: str) -> str:
+    """The YAML file: relative to the working directory, else to the recipe's directory, else
+    one of the plugin's example configs (the no-patch wrapper does not copy them)."""
+    if osp.isfile(config_file):
+        return config_file
+    looked = [osp.abspath(config_file)]
+    try:
+        import configs  # the recipe's own configs package (found through train_v2.py's folder)
+
+        candidate = osp.join(osp.dirname(osp.dirname(osp.abspath(configs.__file__))), config_file)
+        looked.append(candidate)
+        if osp.isfile(candidate):
+            return candidate
+    except ImportError:
+        pass
+    try:
+        from otface_plugin.arcface_torch.shipped import shipped_dir
+
+        candidate = osp.join(os.fspath(shipped_dir("configs")), osp.basename(config_file))
+        looked.append(candidate)
+        if osp.isfile(candidate):
+            return candidate
+    except (FileNotFoundError, TypeError):
+        pass
+    raise FileNotFoundError(f"{config_file}: no such config file (looked at {', '.join(looked)})")
+
+
+def check_job(job: Mapping[str, Any], where: str = "config") -> Dict[str, Any]:
+    """Check a YAML job's keys and value types; returns it with lists turned into tuples where
+    the recipe expects tuples (margin_list)."""
+    out: Dict[str, Any] = {}
+    for key, value in job.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: config keys must be strings, got {key!r}")
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, KNOWN_KEYS)}")
+        _check_type(where, key, value, *KNOWN_KEYS[key])
+        out[key] = value
+    if "margin_list" in out:
+        out["margin_list"] = _margin_triple(out["margin_list"], f"{where}: key 'margin_list'")
+    if "val_targets" in out and not all(isinstance(v, str) for v in out["val_targets"]):
+        raise ConfigError(f"{where}: key 'val_targets' must be a list of names, got {out['val_targets']!r}")
+    if "otface" in out:
+        check_otface_options(out["otface"], where)
+    return out
+
+
+def _check_type(where: str, key: str, value: Any, types: tuple, what: str) -> None:
+    # bool is an int in python; a YAML `true` is never a valid number or count here
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: key {key!r} must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=3)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _margin_triple(value: Any, what: str) -> Tuple[float, float, float]:
+    if isinstance(value, str):
+        if value not in MARGIN_PRESETS:
+            raise ConfigError(f"{what} must be arcface, cosface or [m1, m2, m3], got {value!r}")
+        return MARGIN_PRESETS[value]
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(m, Number) and not isinstance(m, bool) for m in value)):
+        raise ConfigError(f"{what} must be three numbers [m1, m2, m3], got {value!r}")
+    return tuple(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# the otface block
+def otface_loss_options() -> Dict[str, inspect.Parameter]:
+    """OTFaceLoss's keyword options a config may set (the recipe supplies the rest)."""
+    from otface_plugin.losses import OTFaceLoss
+
+    params = inspect.signature(OTFaceLoss.__init__).parameters
+    return {n: p for n, p in params.items() if n != "self" and n not in FROM_RECIPE}
+
+
+def check_otface_options(options: Mapping[str, Any], where: str = "config") -> None:
+    """Unknown options and wrong types are errors naming ``otface.<key>``; values are checked by
+    building the loss once (its own range checks, e.g. eps > 0, then apply)."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{where}: key 'otface' must be a mapping of OTFace options, got {options!r}")
+    accepted = otface_loss_options()
+    for key, value in options.items():
+        name = f"otface.{key}"
+        if key in HOOK_OPTIONS:
+            _check_type(where, name, value, *HOOK_OPTIONS[key])
+            continue
+        if key not in accepted:
+            raise ConfigError(f"{where}: unknown key {name!r}{_suggest(key, list(accepted) + list(HOOK_OPTIONS))}")
+        if key == "margin":
+            _margin_triple(value, f"{where}: key {name!r}")
+            continue
+        if key == "s" and value != 64:
+            raise ConfigError(f"{where}: key {name!r}: train_v2.py's margin softmax uses s=64; other scales are not supported")
+        default = accepted[key].default
+        if default is None:  # optional number: None or a number
+            types, what = (int, float, type(None)), "a number or null"
+        elif isinstance(default, bool):
+            types, what = (bool,), "true or false"
+        elif isinstance(default, int):
+            types, what = (int,), "an integer"
+        elif isinstance(default, float):
+            types, what = Number, "a number"
+        elif isinstance(default, str):
+            types, what = (str,), "a string"
+        else:
+            continue
+        _check_type(where, name, value, types, what)
+    try:
+        build_otface_loss(lambda e, l: e.sum(), options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: key 'otface': {exc}") from None
+
+
+def build_otface_loss(margin_loss, options: Mapping[str, Any]):
+    """OTFaceLoss around ``margin_loss`` with the config's options (hook options left out)."""
+    from otface_plugin import build_loss
+
+    loss_options = {k: v for k, v in options.items() if k not in HOOK_OPTIONS and k != "margin"}
+    return build_loss("otface", margin_loss=margin_loss, **loss_options)
+
+
+# ----------------------------------------------------------------------------------------------
+# what train_v2.py calls right after get_config
+def prepare_config(cfg: Any) -> Any:
+    """Check the plugin's keys and resolve them, for python and YAML configs alike.
+
+    Leaves a config without ``loss``/``sampler``/``otface`` untouched. ``loss`` must be a
+    registered loss (else the registry's error); ``arcface``/``cosface`` (and ``otface`` through
+    ``otface.margin``) set ``margin_list`` to that margin unless it already is of that kind.
+    """
+    loss = cfg.get("loss")
+    if loss is None:
+        if cfg.get("otface") is not None:
+            raise ConfigError("config sets 'otface' options but not loss: 'otface'")
+        if cfg.get("sampler") is not None:
+            _resolve_sampler(cfg, None)
+        return cfg
+    name = _check_loss_name(loss)
+    cfg.loss = name
+    if name == "otface":
+        options = cfg.get("otface") or {}
+        check_otface_options(options)
+        cfg.otface = options
+        _set_margin(cfg, options.get("margin", "arcface"))
+    else:
+        if cfg.get("otface") is not None:
+            raise ConfigError(f"config sets 'otface' options but loss is {name!r}")
+        if name in MARGIN_PRESETS:
+            _set_margin(cfg, name)
+    _resolve_sampler(cfg, name)
+    return cfg
+
+
+def _check_loss_name(loss: Any) -> str:
+    from otface_plugin.registry import UnknownLossError, available_losses
+
+    if not isinstance(loss, str):
+        raise ConfigError(f"key 'loss' must be a loss name, got {loss!r}")
+    name = loss.strip().lower()
+    registered = available_losses()
+    if name not in registered:
+        raise UnknownLossError(f"unknown loss {loss!r}; registered losses: {', '.join(registered)}")
+    if name not in RECIPE_LOSSES:
+        raise ConfigError(
+            f"loss {loss!r} is registered, but train_v2.py can build only {', '.join(RECIPE_LOSSES)}"
+        )
+    return name
+
+
+def _set_margin(cfg: Any, margin: Any) -> None:
+    """Point margin_list at the requested margin family, keeping the config's own margins when
+    they already are of that family (e.g. CosFace with m3=0.35)."""
+    if not isinstance(margin, str):
+        cfg.margin_list = _margin_triple(margin, "otface.margin")
+        return
+    current = tuple(cfg.get("margin_list", ()))
+    if len(current) == 3 and _family(current) == margin:
+        return
+    target = MARGIN_PRESETS[margin]
+    if current != target:
+        log.info("otface-plugin: loss %s sets margin_list %s (was %s)", margin, target, current)
+    cfg.margin_list = target
+
+
+def _family(m: Tuple[float, float, float]) -> Optional[str]:
+    m1, m2, m3 = m
+    if m1 == 1.0 and m3 == 0.0 and m2 > 0:
+        return "arcface"
+    if m1 == 1.0 and m2 == 0.0 and m3 > 0:
+        return "cosface"
+    return None
+
+
+def _resolve_sampler(cfg: Any, loss: Optional[str]) -> None:
+    sampler = cfg.get("sampler")
+    if sampler is None:
+        sampler = "pk" if loss == "otface" else "distributed"
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"key 'sampler' must be one of {SAMPLERS}, got {sampler!r}")
+    cfg.sampler = sampler
+    if sampler == "pk":
+        k = cfg.get("num_instances", DEFAULT_NUM_INSTANCES)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ConfigError(f"key 'num_instances' must be an integer >= 2 (images per identity), got {k!r}")
+        if cfg.batch_size % k:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of num_instances {k}")
+        if cfg.get("dali"):
+            raise ConfigError("sampler 'pk' does not work with dali: true (DALI reads the .rec itself)")
+        cfg.num_instances = k

@@ -1,0 +1,112 @@
+"""The head, sampler and logging hooks a patched ``train_v2.py`` calls.
+
+With ``loss`` unset, ``arcface``, ``cosface`` or ``combined`` every hook is a no-op: upstream's
+PartialFC_V2 and DistributedSampler are used as they are. With ``loss: otface`` the head is an
+:class:`OTFaceHead`: upstream's PartialFC_V2 (the margin softmax, unchanged) inside an
+OTFaceLoss, whose OT term reads the backbone's last conv stage through a forward hook, so the
+backbone, ``model.pt`` and the ONNX export stay exactly upstream's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import distributed
+
+from otface_plugin.arcface_torch.config import DEFAULT_LAYER, build_otface_loss
+from otface_plugin.features import FeatureCapture
+
+log = logging.getLogger(__name__)
+
+
+class OTFaceHead(torch.nn.Module):
+    """``loss = head(local_embeddings, local_labels)`` like PartialFC_V2, plus the OT term.
+
+    Its state dict (the checkpoint's ``state_dict_softmax_fc``) holds the PartialFC_V2 weight
+    under ``loss.margin_loss.`` and the loss's step counter, so a resumed run continues the
+    lambda warm-up.
+    """
+
+    def __init__(self, loss: torch.nn.Module, capture: Optional[FeatureCapture]) -> None:
+        super().__init__()
+        self.loss = loss
+        self.capture = capture  # not a module: nothing of it goes into the state dict
+
+    @property
+    def partial_fc(self) -> torch.nn.Module:
+        return self.loss.margin_loss
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        features = self.capture.pop() if self.capture is not None else None
+        return self.loss(local_embeddings, local_labels, features=features)
+
+    def components(self) -> dict:
+        return self.loss.components()
+
+
+def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module) -> torch.nn.Module:
+    """``partial_fc`` itself unless ``cfg.loss == "otface"``; then the OTFace head around it."""
+    if cfg.get("loss") != "otface":
+        return partial_fc
+    options = dict(cfg.get("otface") or {})
+    loss = build_otface_loss(partial_fc, options)
+    capture = None
+    if loss.ot_term.feature == "conv":
+        capture = FeatureCapture(backbone, options.get("layer", DEFAULT_LAYER))
+    return OTFaceHead(loss, capture)
+
+
+def build_sampler(cfg: Any) -> Optional[Callable]:
+    """None (upstream's DistributedSampler) unless ``cfg.sampler == "pk"``; then a factory
+    ``(dataset, num_replicas, rank, seed) -> PKSampler`` that dataset.py calls."""
+    if cfg.get("sampler", "distributed") != "pk":
+        return None
+    batch_size, num_instances, num_image = cfg.batch_size, cfg.num_instances, cfg.get("num_image")
+
+    def make(dataset, num_replicas: int, rank: int, seed: int):
+        from otface_plugin.data import PKSampler
+
+        # num_image: as many steps per epoch as upstream's sampler, so the LR schedule holds
+        return PKSampler(identity_index(dataset), batch_size=batch_size, num_instances=num_instances,
+                         num_replicas=num_replicas, rank=rank, seed=seed, num_image=num_image)
+
+    return make
+
+
+def identity_index(dataset):
+    """The identity -> positions index of the recipe's dataset: read from its train.rec without
+    mxnet (MXFaceDataset), or from ``targets`` (an image folder)."""
+    from otface_plugin.data import IdentityIndex
+
+    root = getattr(dataset, "root_dir", None)
+    if root is not None and os.path.isfile(os.path.join(root, "train.rec")):
+        return IdentityIndex.from_rec(os.path.join(root, "train.rec"), os.path.join(root, "train.idx"))
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return IdentityIndex.from_labels(np.asarray(targets))
+    raise ValueError(
+        f"sampler 'pk' needs the identity of every image, which {type(dataset).__name__} does not give "
+        "(config.rec 'synthetic' has one image of one identity); use sampler: distributed or a .rec"
+    )
+
+
+def log_components(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
+    """Every ``frequent`` steps: the OTFace loss parts into the training log and tensorboard
+    (rank 0; the values are rank 0's local batch). No-op for upstream heads."""
+    if not isinstance(head, OTFaceHead) or global_step % max(int(frequent), 1):
+        return
+    rank = distributed.get_rank() if distributed.is_initialized() else 0
+    if rank != 0:
+        return
+    c = head.components()
+    logging.info(
+        "OTFace   Global Step: %d   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   "
+        "HardTriplets %d   W(a,p) %.4f   W(a,n) %.4f",
+        global_step, c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]), c["w_ap"], c["w_an"],
+    )
+    if writer is not None:
+        for key in ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an"):
+            writer.add_scalar(f"otface/{key}", c[key], global_step)

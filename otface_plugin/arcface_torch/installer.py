@@ -1,0 +1,317 @@
+"""Apply, check or revert the plugin's patches on an arcface_torch checkout.
+
+    otface-install ARCFACE_TORCH_DIR [--check] [--dry-run] [--revert]
+
+Before touching anything it checks the git blob id of every file the patches change against the
+pinned upstream version and refuses, naming the files that differ. It writes all files or none
+(a failure half-way puts back every file it had written), a second run reports "already
+installed", and --revert restores the upstream files byte for byte. The example configs are
+copied into the checkout's configs/ and listed in a manifest, so --revert removes exactly those.
+
+Exit status: 0 done / installed, 1 not installed (--check), 2 refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import otface_plugin
+from otface_plugin.arcface_torch.patchset import (
+    PatchError,
+    apply_all,
+    git_blob_id,
+    load_patches,
+    patches_by_file,
+)
+from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS, UPSTREAM_COMMIT, UPSTREAM_REPO, UPSTREAM_SUBDIR
+from otface_plugin.arcface_torch.shipped import shipped_dir
+
+MANIFEST = ".otface_plugin_install.json"
+PRISTINE, PATCHED, MODIFIED, MISSING = "pristine", "patched", "modified", "missing"
+
+
+class InstallRefused(RuntimeError):
+    """The checkout is not one the patches can be applied to (or reverted from)."""
+
+
+@dataclass
+class FileState:
+    path: str
+    state: str  # PRISTINE, PATCHED, MODIFIED or MISSING
+    current: Optional[bytes]
+    pristine: Optional[bytes] = None  # upstream bytes (known unless MODIFIED / MISSING)
+    patched: Optional[bytes] = None  # bytes with the patches applied
+
+
+@dataclass
+class Plan:
+    """Everything an install or revert would write: path -> new bytes (None = delete)."""
+    writes: Dict[str, Optional[bytes]] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+def inspect_checkout(root: Path, patch_names: Optional[Sequence[str]] = None) -> List[FileState]:
+    """Classify every file the patches touch as pristine, patched, modified or missing."""
+    by_file = patches_by_file(load_patches(patch_names))
+    unknown = sorted(set(by_file) - set(UPSTREAM_BLOBS))
+    if unknown:  # a packaging error, not a user error
+        raise RuntimeError(f"patches touch files without a pinned blob id: {unknown}")
+    states = []
+    for path in sorted(by_file):
+        file = root / path
+        if not file.is_file():
+            states.append(FileState(path, MISSING, None))
+            continue
+        data = file.read_bytes()
+        if git_blob_id(data) == UPSTREAM_BLOBS[path]:
+            states.append(FileState(path, PRISTINE, data, data, apply_all(by_file[path], data)))
+            continue
+        try:  # patched by us: undoing the patches must give the pinned upstream bytes back
+            original = apply_all(by_file[path], data, reverse=True)
+        except (PatchError, UnicodeDecodeError):
+            original = None
+        if original is not None and git_blob_id(original) == UPSTREAM_BLOBS[path]:
+            states.append(FileState(path, PATCHED, data, original, data))
+        else:
+            states.append(FileState(path, MODIFIED, data))
+    return states
+
+
+def shipped_configs() -> Dict[str, bytes]:
+    """The example configs (python and YAML) to copy into configs/, by file name."""
+    folder = shipped_dir("configs")
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith((".py", ".yaml", ".yml")) and p.name != "__init__.py"
+    }
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InstallRefused(f"{path} is not valid JSON ({exc}); remove it or restore it") from None
+
+
+def _refuse_modified(states: Sequence[FileState], root: Path) -> None:
+    bad = [s for s in states if s.state in (MODIFIED, MISSING)]
+    if bad:
+        lines = "\n".join(f"  {s.path}: {s.state}" for s in bad)
+        raise InstallRefused(
+            f"{root} is not the arcface_torch version these patches are for "
+            f"({UPSTREAM_REPO}@{UPSTREAM_COMMIT[:10]}, {UPSTREAM_SUBDIR}); files that differ:\n{lines}\n"
+            "Nothing was changed. Check out the pinned version of these files, or use the no-patch "
+            "route (otface-train) on a pinned checkout."
+        )
+
+
+def plan_install(root: Path, patch_names: Optional[Sequence[str]] = None, configs: bool = True) -> Plan:
+    root = _check_root(root)
+    states = inspect_checkout(root, patch_names)
+    _refuse_modified(states, root)
+    plan = Plan()
+    for s in states:
+        if s.state == PRISTINE:
+            plan.writes[s.path] = s.patched
+    if configs:
+        manifest = read_manifest(root)
+        recorded = manifest.get("configs", {})
+        new_manifest = {"configs": {}}
+        clashes = []
+        for name, data in shipped_configs().items():
+            rel = f"configs/{name}"
+            dest = root / rel
+            new_manifest["configs"][rel] = git_blob_id(data)
+            if not dest.exists():
+                plan.writes[rel] = data
+            elif dest.read_bytes() == data:
+                continue
+            elif git_blob_id(dest.read_bytes()) == recorded.get(rel):
+                plan.writes[rel] = data  # our copy from an older plugin version: update it
+            else:
+                clashes.append(rel)
+        if clashes:
+            raise InstallRefused(
+                "these files exist and were not written by otface-install; move them away first "
+                "(nothing was changed):\n" + "\n".join(f"  {c}" for c in clashes)
+            )
+        manifest_data = _manifest_bytes(new_manifest)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file() or manifest_path.read_bytes() != manifest_data:
+            plan.writes[MANIFEST] = manifest_data
+        for rel in sorted(set(recorded) - set(new_manifest["configs"])):  # dropped by this version
+            if (root / rel).is_file() and git_blob_id((root / rel).read_bytes()) == recorded[rel]:
+                plan.writes[rel] = None
+    return plan
+
+
+def plan_revert(root: Path) -> Plan:
+    root = _check_root(root)
+    states = inspect_checkout(root)
+    _refuse_modified(states, root)
+    plan = Plan()
+    for s in states:
+        if s.state == PATCHED:
+            plan.writes[s.path] = s.pristine
+    manifest = read_manifest(root)
+    for rel, blob in sorted(manifest.get("configs", {}).items()):
+        dest = root / rel
+        if not dest.is_file():
+            continue
+        if git_blob_id(dest.read_bytes()) == blob:
+            plan.writes[rel] = None
+        else:
+            plan.notes.append(f"kept {rel}: changed since otface-install copied it")
+    if (root / MANIFEST).exists():
+        plan.writes[MANIFEST] = None
+    return plan
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    manifest = {
+        "plugin": "otface-plugin",
+        "version": otface_plugin.__version__,
+        "upstream": f"{UPSTREAM_REPO}@{UPSTREAM_COMMIT}",
+        **manifest,
+    }
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _check_root(root: Path) -> Path:
+    root = Path(root).expanduser().resolve()
+    if not (root / "train_v2.py").is_file():
+        raise InstallRefused(f"{root} has no train_v2.py: give the recognition/arcface_torch directory")
+    return root
+
+
+def execute(root: Path, plan: Plan) -> None:
+    """Write the plan all or nothing: on any failure every file already written is put back."""
+    root = Path(root).resolve()
+    done: List[Tuple[Path, Optional[bytes], Optional[int]]] = []  # path, old bytes, old mode
+    try:
+        for rel, data in plan.writes.items():
+            path = root / rel
+            old = path.read_bytes() if path.exists() else None
+            mode = path.stat().st_mode if path.exists() else None
+            done.append((path, old, mode))
+            if data is None:
+                path.unlink()
+            else:
+                _atomic_write(path, data, mode)
+    except BaseException:
+        for path, old, mode in reversed(done):
+            try:
+                if old is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    _atomic_write(path, old, mode)
+            except OSError as exc:  # report, keep restoring the rest
+                print(f"otface-install: could not restore {path}: {exc}", file=sys.stderr)
+        raise
+
+
+def _atomic_write(path: Path, data: bytes, mode: Optional[int]) -> None:
+    # write beside the target and rename over it: a crash leaves the old or the new file, never half
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".otface-tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe(plan: Plan, verb: str) -> str:
+    lines = []
+    for rel, data in plan.writes.items():
+        what = "remove" if data is None else verb
+        lines.append(f"  {what} {rel}")
+    lines += [f"  {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def install(root: Path, dry_run: bool = False, patch_names: Optional[Sequence[str]] = None,
+            configs: bool = True) -> Plan:
+    plan = plan_install(root, patch_names, configs)
+    if not dry_run:
+        execute(root, plan)
+    return plan
+
+
+def revert(root: Path, dry_run: bool = False) -> Plan:
+    plan = plan_revert(root)
+    if not dry_run:
+        execute(root, plan)
+    return plan
+
+
+def check(root: Path) -> Tuple[str, List[FileState]]:
+    """"installed", "not installed", "partially installed" or "refused" and the file states."""
+    root = _check_root(root)
+    states = inspect_checkout(root)
+    kinds = {s.state for s in states}
+    if kinds & {MODIFIED, MISSING}:
+        return "refused", states
+    if kinds == {PATCHED}:
+        return "installed", states
+    if kinds == {PRISTINE}:
+        return "not installed", states
+    return "partially installed", states
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="otface-install",
+        description="Patch an InsightFace recognition/arcface_torch checkout so that its train_v2.py "
+        "can use the OTFace loss (config.loss = 'otface'), and copy the example configs.",
+    )
+    parser.add_argument("arcface_torch_dir", type=Path, help="path to insightface/recognition/arcface_torch")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report whether the patches are installed; change nothing")
+    mode.add_argument("--revert", action="store_true", help="restore the upstream files and remove the copied configs")
+    parser.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    args = parser.parse_args(argv)
+    root = args.arcface_torch_dir
+    try:
+        if args.check:
+            status, states = check(root)
+            for s in states:
+                print(f"  {s.path}: {s.state}")
+            print(f"otface-plugin {otface_plugin.__version__}: {status} in {Path(root).resolve()}")
+            return {"installed": 0, "refused": 2}.get(status, 1)
+        if args.revert:
+            plan = revert(root, dry_run=args.dry_run)
+            if not plan.writes:
+                print(f"nothing to revert in {Path(root).resolve()} (not installed)")
+            else:
+                prefix = "would revert" if args.dry_run else "reverted"
+                print(f"{prefix} {Path(root).resolve()}:\n{_describe(plan, 'restore')}")
+            return 0
+        plan = install(root, dry_run=args.dry_run)
+        if not plan.writes:
+            print(f"otface-plugin {otface_plugin.__version__} already installed in {Path(root).resolve()}")
+        else:
+            prefix = "would install" if args.dry_run else "installed"
+            print(f"{prefix} otface-plugin {otface_plugin.__version__} in {Path(root).resolve()}:\n"
+                  f"{_describe(plan, 'write')}")
+        return 0
+    except InstallRefused as exc:
+        print(f"otface-install: refused: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

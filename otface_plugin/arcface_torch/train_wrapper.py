@@ -1,0 +1,165 @@
+"""``otface-train``: run an unmodified arcface_torch checkout with the plugin's patches applied in
+memory, for users who cannot (or do not want to) change their checkout.
+
+    otface-train CONFIG --arcface-root DIR                    # = python train_v2.py CONFIG
+    torchrun --nproc_per_node=8 $(which otface-train) CONFIG --arcface-root DIR
+    otface-train --arcface-root DIR --run torch2onnx.py MODEL.pt --network r50
+
+The same unified diffs that ``otface-install`` writes to disk are applied to the upstream
+sources as they are imported (an import hook serves the patched text under the files' real
+paths, so tracebacks point at the right lines), then ``train_v2.py`` runs as ``__main__``.
+Before anything runs, every upstream file the hooks rely on is checked against its pinned git
+blob id: an unknown upstream version is refused, naming the files that differ.
+
+CONFIG is looked up like train_v2.py does (``configs/NAME`` in the checkout); the plugin's own
+example configs (``configs/ms1mv3_r50_otface`` ...) are found too, without copying them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.util
+import linecache
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from otface_plugin.arcface_torch import installer
+from otface_plugin.arcface_torch.patchset import apply_all, git_blob_id, load_patches, patches_by_file
+from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS, UPSTREAM_COMMIT, UPSTREAM_UNPATCHED_BLOBS
+from otface_plugin.arcface_torch.shipped import shipped_dir
+
+
+class RefusedCheckout(RuntimeError):
+    pass
+
+
+def patched_sources(root: Path) -> Dict[str, bytes]:
+    """Relative path -> patched bytes, after checking every pinned file's blob id."""
+    pinned = {**UPSTREAM_BLOBS, **UPSTREAM_UNPATCHED_BLOBS}
+    differ = []
+    for rel, blob in sorted(pinned.items()):
+        f = root / rel
+        if not f.is_file():
+            differ.append(f"  {rel}: missing")
+        elif git_blob_id(f.read_bytes()) != blob:
+            differ.append(f"  {rel}: modified")
+    if differ:
+        hint = ""
+        try:
+            if installer.check(root)[0] == "installed":
+                hint = "\nThis checkout is already patched by otface-install: run its train_v2.py directly."
+        except Exception:  # the hint is best effort; the refusal itself is what matters
+            pass
+        raise RefusedCheckout(
+            f"{root} is not the arcface_torch version otface-train knows (commit {UPSTREAM_COMMIT[:10]}); "
+            "files that differ:\n" + "\n".join(differ) + hint
+        )
+    by_file = patches_by_file(load_patches())
+    return {rel: apply_all(diffs, (root / rel).read_bytes()) for rel, diffs in by_file.items()}
+
+
+def module_name(rel: str) -> str:
+    return rel[:-3].replace("/", ".")
+
+
+class PatchedSourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the patched text of the upstream modules; everything else imports normally."""
+
+    def __init__(self, root: Path, sources: Dict[str, bytes]) -> None:
+        self.root = root
+        self.sources = {module_name(rel): (root / rel, data) for rel, data in sources.items()}
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.sources:
+            return None
+        origin, _ = self.sources[fullname]
+        return importlib.util.spec_from_loader(fullname, self, origin=str(origin))
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        origin, data = self.sources[module.__name__]
+        module.__file__ = str(origin)
+        exec(_compile(data, origin), module.__dict__)
+
+
+def prepare(root: Path) -> PatchedSourceFinder:
+    """Check the checkout, put it first on sys.path and install the import hook."""
+    root = root.expanduser().resolve()
+    if not (root / "train_v2.py").is_file():
+        raise RefusedCheckout(f"{root} has no train_v2.py: give the recognition/arcface_torch directory")
+    finder = PatchedSourceFinder(root, patched_sources(root))
+    sys.path.insert(0, str(root))
+    sys.meta_path.insert(0, finder)
+    _add_shipped_configs()
+    return finder
+
+
+def _add_shipped_configs() -> None:
+    """Let ``configs/NAME`` also find the plugin's example configs (the checkout's win)."""
+    import configs  # the checkout's package
+
+    try:
+        extra = os.fspath(shipped_dir("configs"))
+    except (FileNotFoundError, TypeError):  # not a plain directory (zipped install): skip
+        return
+    if extra not in configs.__path__:
+        configs.__path__.append(extra)
+
+
+def run_script(finder: PatchedSourceFinder, script: str, argv: Sequence[str]) -> None:
+    """Run an upstream script (patched if the patches touch it) as ``__main__``."""
+    path = (finder.root / script).resolve()
+    name = module_name(os.path.relpath(path, finder.root).replace(os.sep, "/"))
+    if name in finder.sources:
+        data = finder.sources[name][1]
+    elif path.is_file():
+        data = path.read_bytes()
+    else:
+        raise FileNotFoundError(f"{path}: no such upstream script")
+    sys.argv = [str(path), *argv]
+    globals_ = {"__name__": "__main__", "__file__": str(path), "__builtins__": __builtins__}
+    exec(_compile(data, path), globals_)
+
+
+def _compile(data: bytes, path: Path):
+    # tracebacks and inspect read lines through linecache: give it the patched text, not the
+    # file on disk (an entry without mtime is never reloaded from disk)
+    text = data.decode("utf-8")
+    linecache.cache[str(path)] = (len(text), None, text.splitlines(keepends=True), str(path))
+    return compile(data, str(path), "exec")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="otface-train",
+        description="Run arcface_torch's train_v2.py (or another of its scripts) with the otface-plugin "
+        "patches applied in memory; the checkout is not modified.",
+    )
+    parser.add_argument("config", nargs="?", help="job config, e.g. configs/ms1mv3_r50_otface or configs/job.yaml")
+    parser.add_argument("--arcface-root", required=True, type=Path,
+                        help="insightface/recognition/arcface_torch (pinned, unmodified)")
+    parser.add_argument("--run", metavar="SCRIPT", help="run this upstream script instead of train_v2.py; "
+                        "the remaining arguments go to it")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        finder = prepare(args.arcface_root)
+    except RefusedCheckout as exc:
+        print(f"otface-train: refused: {exc}", file=sys.stderr)
+        return 2
+    if args.run:
+        run_script(finder, args.run, ([args.config] if args.config else []) + rest)
+        return 0
+    if not args.config:
+        parser.error("give a CONFIG (or --run SCRIPT)")
+    if rest:
+        parser.error(f"unknown arguments for train_v2.py: {' '.join(rest)}")
+    run_script(finder, "train_v2.py", [args.config])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

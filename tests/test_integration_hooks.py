@@ -1,0 +1,160 @@
+"""The hooks a patched train_v2.py calls, with stand-ins for upstream's modules (no checkout)."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from easydict import EasyDict as edict
+
+from otface_plugin.arcface_torch import build_head, build_sampler, log_components, prepare_config
+from otface_plugin.arcface_torch.hooks import OTFaceHead, identity_index
+from otface_plugin.arcface_torch.tv_compat import transforms
+
+
+class TinyBackbone(torch.nn.Module):
+    """iresnet-like: a `layer4` conv stage, then an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.layer4 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(16 * 4 * 4, 32)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.layer4(torch.relu(self.stem(x))), 1))
+
+
+class FakePartialFC(torch.nn.Module):
+    """Stands in for PartialFC_V2: squeezes labels in place, as upstream does."""
+
+    def __init__(self, num_classes=8, dim=32):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+
+    def forward(self, embeddings, labels):
+        labels.squeeze_()
+        logits = torch.nn.functional.linear(torch.nn.functional.normalize(embeddings),
+                                            torch.nn.functional.normalize(self.weight))
+        return torch.nn.functional.cross_entropy(64 * logits, labels.long())
+
+
+def cfg_for(loss=None, **extra):
+    c = edict(margin_list=(1.0, 0.5, 0.0), batch_size=8, dali=False, num_image=64, frequent=1)
+    if loss is not None:
+        c.loss = loss
+    c.update(extra)
+    return prepare_config(c)
+
+
+@pytest.mark.parametrize("loss", [None, "arcface", "cosface", "combined"])
+def test_upstream_losses_get_upstream_head_and_sampler(loss):
+    pfc = FakePartialFC()
+    cfg = cfg_for(loss)
+    assert build_head(cfg, pfc, TinyBackbone()) is pfc
+    assert build_sampler(cfg) is None
+
+
+def test_otface_head_trains_and_logs(caplog):
+    torch.manual_seed(0)
+    backbone = TinyBackbone()
+    pfc = FakePartialFC()
+    cfg = cfg_for("otface", otface=edict(lambda_ot=0.5, feature="conv", layer="layer4", warmup_steps=4))
+    head = build_head(cfg, pfc, backbone)
+    assert isinstance(head, OTFaceHead) and head.partial_fc is pfc
+    params = {id(p) for p in head.parameters()}
+    assert params == {id(pfc.weight)}  # the optimizer sees exactly the PartialFC weight
+
+    images = torch.randn(8, 3, 16, 16)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).view(-1, 1)  # (B, 1), squeezed in place by PFC
+    loss = head(backbone(images), labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert backbone.layer4.weight.grad is not None
+    assert head.state_dict()["loss.step"].item() == 1
+    assert "loss.margin_loss.weight" in head.state_dict()
+
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[tag] = (value, step)
+
+    writer = Writer()
+    with caplog.at_level(logging.INFO):
+        log_components(head, 1, 1, writer)
+    assert "OTFace   Global Step: 1" in caplog.text and "HardTriplets" in caplog.text
+    assert set(writer.scalars) >= {"otface/ot", "otface/margin", "otface/lambda", "otface/triplets"}
+    assert writer.scalars["otface/lambda"] == (0.0, 1)  # warm-up starts at 0
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        log_components(head, 3, 2, writer)  # not a logging step
+        log_components(pfc, 2, 1, writer)  # not an OTFace head
+    assert caplog.text == ""
+
+
+def test_head_resumes_its_step_counter():
+    pfc = FakePartialFC()
+    cfg = cfg_for("otface", otface=edict(feature="embedding", warmup_steps=10))
+    head = build_head(cfg, pfc, TinyBackbone())
+    assert head.capture is None  # feature=embedding needs no hook
+    state = head.state_dict()
+    state["loss.step"] = torch.tensor(7)
+    again = build_head(cfg, FakePartialFC(), TinyBackbone())
+    again.load_state_dict(state)
+    assert again.loss.current_lambda().item() == pytest.approx(0.07)
+
+
+def test_missing_layer_is_a_clear_error():
+    cfg = cfg_for("otface", otface=edict(layer="layer9"))
+    with pytest.raises(ValueError, match="layer9"):
+        build_head(cfg, FakePartialFC(), TinyBackbone())
+
+
+def test_pk_sampler_factory_gives_p_by_k_batches():
+    class FolderLike(torch.utils.data.Dataset):
+        targets = [i // 6 for i in range(48)]  # 8 identities x 6 images
+
+        def __len__(self):
+            return len(self.targets)
+
+    cfg = cfg_for("otface", num_instances=4, num_image=48)
+    make = build_sampler(cfg)
+    sampler = make(FolderLike(), num_replicas=2, rank=0, seed=3)
+    sampler.set_epoch(0)
+    positions = list(sampler)
+    assert len(positions) % 8 == 0 and positions
+    for b in range(0, len(positions), 8):
+        ids = [FolderLike.targets[i] for i in positions[b:b + 8]]
+        assert sorted(np.bincount(ids)[np.bincount(ids) > 0]) == [4, 4]
+
+
+def test_synthetic_dataset_cannot_be_pk_sampled():
+    class SyntheticDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+    with pytest.raises(ValueError, match="synthetic"):
+        identity_index(SyntheticDataset())
+
+
+def test_tv_compat_matches_the_torchvision_arithmetic():
+    img = np.random.RandomState(0).randint(0, 256, size=(6, 5, 3), dtype=np.uint8)
+    t = transforms.Compose([transforms.ToPILImage(), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                            transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])])
+    torch.manual_seed(1)
+    flip = bool(torch.rand(1) < 0.5)
+    torch.manual_seed(1)
+    out = t(img)
+    ref = torch.from_numpy(img[:, ::-1].copy() if flip else img).permute(2, 0, 1).float().div(255)
+    ref = (ref - 0.5) / 0.5
+    assert out.dtype == torch.float32 and out.shape == (3, 6, 5)
+    assert torch.equal(out, ref)
+    assert torch.rand(1).item() == _second_draw(1)  # exactly one random draw, like torchvision's flip
+
+
+def _second_draw(seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.rand(1, generator=g)
+    return torch.rand(1, generator=g).item()

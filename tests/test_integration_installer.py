@@ -1,0 +1,190 @@
+"""otface-install on a copy of a pristine arcface_torch checkout (ARCFACE_TORCH_DIR).
+
+ARCFACE_TORCH_DIR itself is never written: every test patches a copy under tmp_path.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from otface_plugin.arcface_torch import installer
+from otface_plugin.arcface_torch.patchset import git_blob_id
+from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = os.environ.get("ARCFACE_TORCH_DIR")
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.skipif(not UPSTREAM, reason="set ARCFACE_TORCH_DIR to a pristine insightface/recognition/arcface_torch "
+                                            "checkout (pinned commit 7fadd420) to run the installer tests"),
+]
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    dst = tmp_path / "arcface_torch"
+    shutil.copytree(UPSTREAM, dst, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"))
+    status, states = installer.check(dst)
+    if status != "not installed":
+        pytest.skip(f"ARCFACE_TORCH_DIR is not a pristine pinned checkout: {status}")
+    return dst
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "install_plugin.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_install_check_reinstall_revert(checkout):
+    before = snapshot(checkout)
+    r = run_cli(checkout, "--check")
+    assert r.returncode == 1 and "not installed" in r.stdout
+
+    r = run_cli(checkout)
+    assert r.returncode == 0, r.stderr
+    after = snapshot(checkout)
+    changed = {k for k in after if before.get(k) != after[k]}
+    expected_configs = {f"configs/{p.name}" for p in (REPO / "configs").iterdir()
+                        if p.suffix in (".py", ".yaml") and p.name != "__init__.py"}
+    assert changed == set(UPSTREAM_BLOBS) | expected_configs | {installer.MANIFEST}
+    assert after["configs/__init__.py"] == before["configs/__init__.py"]  # ours is not copied
+    for rel in expected_configs:
+        assert after[rel] == (REPO / rel).read_bytes()
+
+    r = run_cli(checkout, "--check")
+    assert r.returncode == 0 and "installed in" in r.stdout
+
+    r = run_cli(checkout)  # idempotent
+    assert r.returncode == 0 and "already installed" in r.stdout
+    assert snapshot(checkout) == after
+
+    r = run_cli(checkout, "--revert")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(checkout) == before  # byte for byte, copied configs and manifest gone
+    r = run_cli(checkout, "--revert")
+    assert r.returncode == 0 and "nothing to revert" in r.stdout
+
+
+def test_dry_run_writes_nothing(checkout):
+    before = snapshot(checkout)
+    r = run_cli(checkout, "--dry-run")
+    assert r.returncode == 0 and "would install" in r.stdout and "train_v2.py" in r.stdout
+    assert snapshot(checkout) == before
+    installer.install(checkout)
+    patched = snapshot(checkout)
+    r = run_cli(checkout, "--revert", "--dry-run")
+    assert r.returncode == 0 and "would revert" in r.stdout
+    assert snapshot(checkout) == patched
+
+
+def test_refuses_modified_upstream_file_and_touches_nothing(checkout):
+    target = checkout / "partial_fc_v2.py"
+    target.write_bytes(target.read_bytes().replace(b"sample_rate: float = 1.0", b"sample_rate: float = 0.5"))
+    (checkout / "lr_scheduler.py").write_bytes(b"# my own scheduler\n")
+    before = snapshot(checkout)
+    r = run_cli(checkout)
+    assert r.returncode == 2
+    assert "partial_fc_v2.py: modified" in r.stderr and "lr_scheduler.py: modified" in r.stderr
+    assert "train_v2.py" not in r.stderr  # only the files that differ are named
+    assert snapshot(checkout) == before
+    assert run_cli(checkout, "--check").returncode == 2
+
+
+def test_refuses_missing_file(checkout):
+    (checkout / "torch2onnx.py").unlink()
+    with pytest.raises(installer.InstallRefused, match="torch2onnx.py: missing"):
+        installer.install(checkout)
+
+
+def test_failure_half_way_restores_every_file(checkout, monkeypatch):
+    before = snapshot(checkout)
+    real = installer._atomic_write
+    calls = []
+
+    def flaky(path, data, mode):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError("disk full (simulated)")
+        real(path, data, mode)
+
+    monkeypatch.setattr(installer, "_atomic_write", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        installer.install(checkout)
+    monkeypatch.setattr(installer, "_atomic_write", real)
+    assert snapshot(checkout) == before
+    assert not list(checkout.rglob("*.otface-tmp"))
+
+
+def test_revert_refuses_a_patched_file_edited_afterwards(checkout):
+    installer.install(checkout)
+    f = checkout / "train_v2.py"
+    f.write_bytes(f.read_bytes() + b"# local edit\n")
+    with pytest.raises(installer.InstallRefused, match="train_v2.py: modified"):
+        installer.revert(checkout)
+
+
+def test_revert_keeps_a_copied_config_the_user_changed(checkout):
+    before = snapshot(checkout)
+    installer.install(checkout)
+    cfg = checkout / "configs" / "otface_cpu_smoke.py"
+    cfg.write_text(cfg.read_text() + "config.num_epoch = 3\n")
+    plan = installer.revert(checkout)
+    assert any("kept configs/otface_cpu_smoke.py" in n for n in plan.notes)
+    after = snapshot(checkout)
+    assert "configs/otface_cpu_smoke.py" in after
+    del after["configs/otface_cpu_smoke.py"]
+    assert after == before
+
+
+def test_refuses_to_overwrite_a_users_config(checkout):
+    (checkout / "configs" / "ms1mv3_r50_otface.py").write_text("# mine\n")
+    before = snapshot(checkout)
+    with pytest.raises(installer.InstallRefused, match="configs/ms1mv3_r50_otface.py"):
+        installer.install(checkout)
+    assert snapshot(checkout) == before
+
+
+def test_partially_patched_checkout_is_completed(checkout):
+    installer.install(checkout)
+    (checkout / "dataset.py").write_bytes(Path(UPSTREAM, "dataset.py").read_bytes())
+    assert installer.check(checkout)[0] == "partially installed"
+    plan = installer.install(checkout)
+    assert list(plan.writes) == ["dataset.py"]
+    assert installer.check(checkout)[0] == "installed"
+
+
+def test_pinned_blob_ids_match_the_checkout():
+    for rel, blob in UPSTREAM_BLOBS.items():
+        assert git_blob_id(Path(UPSTREAM, rel).read_bytes()) == blob, rel
+
+
+@pytest.mark.slow
+def test_wheel_route_in_a_fresh_environment(checkout, tmp_path):
+    """pip install the wheel into a new venv (no torch there) and run its otface-install."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(dist), str(REPO)], check=True)
+    (whl,) = dist.glob("otface_plugin-*.whl")
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=True)
+    subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(whl)],
+                   check=True)
+    exe = env / "bin" / "otface-install"
+    before = snapshot(checkout)
+    r = subprocess.run([str(exe), str(checkout)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "installed otface-plugin" in r.stdout
+    assert (checkout / "configs" / "ms1mv3_r50_otface.yaml").is_file()
+    r = subprocess.run([str(exe), str(checkout), "--check"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([str(exe), str(checkout), "--revert"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert snapshot(checkout) == before

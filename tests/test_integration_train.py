@@ -1,0 +1,305 @@
+"""End to end on CPU: patched arcface_torch trains with the plugin, resumes, exports.
+
+Needs ARCFACE_TORCH_DIR (a pristine arcface_torch checkout; only copies are patched), the face
+set in ../shared/data/extyaleb (or OTFACE_FACES_DIR), and a training interpreter with the recipe's
+own dependencies (mxnet, scikit-learn, tensorboard, onnx, onnxruntime, insightface): this one,
+or the one OTFACE_TRAIN_PYTHON names (docs/integration.md: the "training environment").
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from otface_plugin.arcface_torch import installer
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = os.environ.get("ARCFACE_TORCH_DIR")
+FACES = Path(os.environ.get("OTFACE_FACES_DIR", REPO.parent / "shared" / "data" / "extyaleb"))
+TRAIN_PY = os.environ.get("OTFACE_TRAIN_PYTHON", sys.executable)
+COMPAT_AND_CPU = [
+    "01-compat-lr-scheduler.patch", "02-compat-numpy.patch", "03-compat-onnx-export.patch",
+    "04-compat-torchvision.patch", "05-compat-scipy.patch", "10-cpu-fallback.patch",
+]
+
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.slow,
+    pytest.mark.skipif(not UPSTREAM, reason="set ARCFACE_TORCH_DIR to a pristine insightface/recognition/"
+                                            "arcface_torch checkout to run the end-to-end tests"),
+    pytest.mark.skipif(not FACES.is_dir(), reason=f"face images not found at {FACES} (set OTFACE_FACES_DIR)"),
+]
+
+OT_LINE = re.compile(r"OTFace   Global Step: (\d+)   Loss ([-\d.naif]+)   Margin ([-\d.naif]+)   OT ([-\d.naif]+)   "
+                     r"Lambda ([-\d.]+)   HardTriplets (\d+)")
+LOSS_LINE = re.compile(r"Loss ([-\d.naif]+)   LearningRate ([-\d.e]+)   Epoch: (\d+)   Global Step: (\d+)")
+
+
+@pytest.fixture(scope="module")
+def train_python():
+    probe = "import mxnet, sklearn, scipy, tensorboard, easydict, yaml, onnx, onnxruntime"
+    r = subprocess.run([TRAIN_PY, "-W", "ignore", "-c", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"{TRAIN_PY} lacks the recipe's dependencies (set OTFACE_TRAIN_PYTHON): "
+                    f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return TRAIN_PY
+
+
+def otface_data(*args):
+    r = subprocess.run([sys.executable, "-m", "otface_plugin.data.cli", *map(str, args)],
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert r.returncode == 0, f"otface-data {' '.join(map(str, args))}: {r.stderr}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """.rec from the training identities (18), .bin from the held-out ones (20), and a 2-identity
+    .rec for the short equivalence runs; all built by otface-data."""
+    d = tmp_path_factory.mktemp("faces")
+    # 20 held-out identities: the recipe scores a .bin in 10 sequential folds, and build-bin's 10
+    # identity-disjoint folds (same/different pairs in each) need 2 identities per fold
+    otface_data("split", FACES, "--holdout-fraction", 0.53, "--seed", 0,
+                "--train-list", d / "train.txt", "--holdout-list", d / "heldout.txt")
+    otface_data("build-rec", FACES, f"{d / 'rec'}/", "--identities-from", d / "train.txt", "--resize", 112,
+                "--no-progress")
+    otface_data("build-bin", FACES, d / "rec" / "heldout.bin", "--identities-from", d / "heldout.txt",
+                "--pairs", 200, "--folds", 10, "--resize", 112, "--no-progress")
+    small = d / "small.txt"
+    small.write_text("".join((d / "train.txt").read_text().splitlines(keepends=True)[:2]))
+    otface_data("build-rec", FACES, f"{d / 'small'}/", "--identities-from", small, "--resize", 112, "--no-progress")
+    train_ids = len((d / "train.txt").read_text().split())
+    heldout = (d / "heldout.txt").read_text().split()
+    return {"rec": d / "rec", "small": d / "small", "num_classes": train_ids, "heldout_ids": heldout}
+
+
+def copy_upstream(dst: Path) -> Path:
+    shutil.copytree(UPSTREAM, dst, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"))
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(py, root: Path, config: str, nproc: int, timeout: int, script=("train_v2.py",)):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [py, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           *script, config]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def step_losses(log: str):
+    return [(int(m.group(4)), m.group(1)) for m in LOSS_LINE.finditer(log)]
+
+
+EQ_JOB = """from easydict import EasyDict as edict
+config = edict()
+config.margin_list = (1.0, 0.5, 0.0)
+config.network = "mbf"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 1.0
+config.fp16 = False
+config.batch_size = 16
+config.optimizer = "sgd"
+config.lr = 0.1
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.verbose = 100000
+config.frequent = 1
+config.dali = False
+config.num_workers = 1
+config.rec = "{rec}"
+config.num_classes = 2
+config.num_image = 128
+config.num_epoch = 1
+config.warmup_epoch = 0
+config.val_targets = []
+"""
+
+
+def test_arcface_through_the_plugin_equals_upstream_head(tmp_path, data, train_python):
+    """loss: arcface in a fully patched checkout (and through the no-patch wrapper) gives the same
+    step losses and the same final weights as a checkout with only the compatibility and CPU
+    patches (upstream's own head and sampler), same seed and data, on CPU."""
+    import torch
+
+    job = EQ_JOB.format(rec=data["small"])
+    base = copy_upstream(tmp_path / "compat_only")
+    installer.install(base, patch_names=COMPAT_AND_CPU, configs=False)
+    (base / "configs" / "eq_job.py").write_text(job)
+    full = copy_upstream(tmp_path / "patched")
+    installer.install(full)
+    (full / "configs" / "eq_job.py").write_text(job + 'config.loss = "arcface"\n')
+    pristine = copy_upstream(tmp_path / "pristine")
+    (pristine / "configs" / "eq_job.yaml").write_text(_yaml_of(job) + "loss: arcface\noutput: work_dirs/eq_job\n")
+
+    torchrun(train_python, base, "configs/eq_job", 1, 600)
+    torchrun(train_python, full, "configs/eq_job", 1, 600)
+    torchrun(train_python, pristine, "configs/eq_job.yaml", 1, 600,
+             script=("-m", "otface_plugin.arcface_torch.train_wrapper", "--arcface-root", str(pristine)))
+
+    logs = {k: (root / "work_dirs" / "eq_job" / "training.log").read_text()
+            for k, root in (("base", base), ("full", full), ("wrapper", pristine))}
+    base_losses = step_losses(logs["base"])
+    assert len(base_losses) >= 6, logs["base"][-2000:]
+    assert step_losses(logs["full"]) == base_losses
+    assert step_losses(logs["wrapper"]) == base_losses
+    assert "OTFace" not in logs["full"]
+    weights = {k: torch.load(root / "work_dirs" / "eq_job" / "model.pt", map_location="cpu")
+               for k, root in (("base", base), ("full", full), ("wrapper", pristine))}
+    for k in ("full", "wrapper"):
+        assert weights[k].keys() == weights["base"].keys()
+        assert all(torch.equal(weights[k][n], weights["base"][n]) for n in weights["base"]), k
+    print("arcface equivalence, step losses:", base_losses)
+
+
+def _yaml_of(job_py: str) -> str:
+    """The python job above as YAML (same keys, same values)."""
+    import runpy
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"otface_eq_{os.getpid()}.py"
+    path.write_text(job_py)
+    cfg = runpy.run_path(str(path))["config"]
+    path.unlink()
+    lines = []
+    for k, v in cfg.items():
+        if k == "output":
+            continue
+        lines.append(f"{k}: {json.dumps(list(v) if isinstance(v, tuple) else v)}")
+    return "\n".join(lines) + "\n"
+
+
+E2E_JOB = """\
+loss: otface
+network: mbf
+output: null
+batch_size: 16
+num_instances: 4
+optimizer: adamw
+lr: 0.001
+weight_decay: 0.1
+fp16: false
+verbose: 16
+frequent: 1
+num_workers: 1
+save_all_states: true
+resume: {resume}
+rec: {rec}
+num_classes: {num_classes}
+num_image: 512
+num_epoch: {epochs}
+warmup_epoch: 0
+val_targets: [heldout]
+otface:
+  layer: conv_sep
+  lambda_ot: 1.0
+  warmup_steps: 64
+"""
+
+
+@pytest.fixture(scope="module")
+def otface_run(tmp_path_factory, data, train_python):
+    """2 processes (gloo), OTFace, P x K = 4 x 4 per process, 16 steps per epoch: 2 epochs, then a
+    resumed third epoch from the checkpoint."""
+    root = copy_upstream(tmp_path_factory.mktemp("otface") / "arcface_torch")
+    installer.install(root)
+    cfg = root / "configs" / "e2e_otface.yaml"
+    cfg.write_text(E2E_JOB.format(resume="false", rec=data["rec"], num_classes=data["num_classes"], epochs=2))
+    first = torchrun(train_python, root, "configs/e2e_otface.yaml", 2, 900)
+    log_first = (root / "work_dirs" / "e2e_otface" / "training.log").read_text()
+    cfg.write_text(E2E_JOB.format(resume="true", rec=data["rec"], num_classes=data["num_classes"], epochs=3))
+    second = torchrun(train_python, root, "configs/e2e_otface.yaml", 2, 600)
+    log_all = (root / "work_dirs" / "e2e_otface" / "training.log").read_text()
+    return {"root": root, "out": root / "work_dirs" / "e2e_otface", "log_first": log_first,
+            "log_resumed": log_all[len(log_first):], "stdout": first.stdout + second.stdout}
+
+
+def ot_rows(log):
+    return [(int(m.group(1)), float(m.group(2)), float(m.group(3)), float(m.group(4)), float(m.group(5)),
+             int(m.group(6))) for m in OT_LINE.finditer(log)]
+
+
+def test_otface_two_process_run(otface_run):
+    rows = ot_rows(otface_run["log_first"])
+    steps = [r[0] for r in rows]
+    assert steps == list(range(1, 33)), steps  # 2 epochs x 16 steps, logged every step
+    losses = [r[1] for r in rows]
+    assert all(map(lambda x: x == x and abs(x) < 1e6, losses)), losses  # finite
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, (first, last)
+    assert all(r[5] > 0 for r in rows), "a batch without hard triplets"
+    assert all(r[3] > 0 for r in rows[1:]), "OT term is zero"
+    assert re.search(r"\[heldout\]\[16\]Accuracy-Flip: [\d.]+", otface_run["log_first"])
+    assert re.search(r"\[heldout\]\[32\]Accuracy-Flip: [\d.]+", otface_run["log_first"])
+    events = list((otface_run["out"] / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and any(b"otface/ot" in e.read_bytes() for e in events)
+    print(f"OTFace 2-process run: loss first-5 mean {first:.4f}, last-5 mean {last:.4f}; "
+          f"triplets/batch min {min(r[5] for r in rows)}; OT {rows[0][3]:.4f} -> {rows[-1][3]:.4f}")
+
+
+def test_resume_continues_the_step_count(otface_run):
+    rows = ot_rows(otface_run["log_resumed"])
+    assert [r[0] for r in rows] == list(range(33, 49))
+    # the loss's step buffer came back from state_dict_softmax_fc: lambda warm-up (64 steps)
+    # continues at 32/64 instead of restarting at 0
+    assert rows[0][4] == pytest.approx(32 / 64, abs=1e-4)
+    assert all(r[1] == r[1] for r in rows)
+
+
+def test_export_onnx_and_load_with_insightface(otface_run, data, train_python):
+    root, out = otface_run["root"], otface_run["out"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([train_python, "torch2onnx.py", str(out / "model.pt"), "--network", "mbf",
+                        "--output", str(out / "model.onnx")], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    face_dir = FACES / data["heldout_ids"][0]
+    face = sorted(face_dir.glob("*.pgm"))[0]
+    check = CHECK_EXPORT.format(root=str(root), pt=str(out / "model.pt"), onnx=str(out / "model.onnx"), face=str(face))
+    r = subprocess.run([train_python, "-c", check], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    print("export:", result)
+    assert result["max_abs_diff"] < 1e-4
+    assert result["taskname"] == "recognition"
+    assert result["embedding_shape"] == [512]
+    assert result["embedding_finite"]
+
+
+CHECK_EXPORT = """
+import json, sys
+import numpy as np, torch, onnxruntime, cv2
+sys.path.insert(0, {root!r})
+from backbones import get_model
+net = get_model("mbf", dropout=0.0, fp16=False, num_features=512)
+net.load_state_dict(torch.load({pt!r}, map_location="cpu"))
+net.eval()
+x = torch.from_numpy(np.random.RandomState(0).uniform(-1, 1, size=(4, 3, 112, 112)).astype(np.float32))
+with torch.no_grad():
+    ref = net(x).numpy()
+sess = onnxruntime.InferenceSession({onnx!r}, providers=["CPUExecutionProvider"])
+# one image per run: torch2onnx.py traces with a batch of 1 and MobileFaceNet's Flatten
+# (x.view(x.size(0), -1)) is folded to that size; insightface also feeds one face at a time
+got = np.concatenate([sess.run(None, {{sess.get_inputs()[0].name: x[i:i + 1].numpy()}})[0] for i in range(len(x))])
+import insightface
+model = insightface.model_zoo.get_model({onnx!r}, providers=["CPUExecutionProvider"])
+model.prepare(ctx_id=-1)
+gray = cv2.imread({face!r}, cv2.IMREAD_GRAYSCALE)
+h, w = gray.shape
+s = min(h, w)
+gray = gray[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+aligned = cv2.cvtColor(cv2.resize(gray, (112, 112)), cv2.COLOR_GRAY2BGR)
+emb = model.get_feat(aligned)[0]
+print(json.dumps({{"max_abs_diff": float(np.abs(ref - got).max()), "taskname": model.taskname,
+                  "embedding_shape": list(emb.shape), "embedding_finite": bool(np.isfinite(emb).all())}}))
+"""
