@@ -39,7 +39,7 @@ setup(
         "easydict>=1.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "pot>=0.9.6", "geomloss>=0.2.6"],
+        "test": ["pytest>=7", "pot>=0.9.6", "geomloss>=0.2.6", "matplotlib>=3.5"],
         "bench": ["pot>=0.9.6", "geomloss>=0.2.6", "matplotlib>=3.5"],
     },
     entry_points={
@@ -48,6 +48,7 @@ setup(
             "otface-install=otface_plugin.arcface_torch.installer:main",
             "otface-train=otface_plugin.arcface_torch.train_wrapper:main",
             "otface-demo=otface_plugin.demo:main",
+            "otface-bench=otface_plugin.bench.cli:main",
         ],
     },
     classifiers=[

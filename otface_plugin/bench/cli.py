@@ -1,0 +1,121 @@
+"""``otface-bench`` / ``python -m otface_plugin.bench``: the whole study in one command.
+
+    otface-bench                       # full study: 3 losses x 5 seeds + OTFace ablation (~26 min, 2 idle cores)
+    otface-bench --toy --out /tmp/toy  # pipeline check in under a minute
+    otface-bench --no-ablation --seeds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
+
+from otface_plugin.bench.data import default_dataset_dir
+from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, run_study, toy_config
+from otface_plugin.bench.train import LOSSES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otface-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("dataset", nargs="?", help="identity-folder dataset (default: $OTFACE_SHARED_DATA "
+                   "or <repo>/../shared/data/extyaleb)")
+    p.add_argument("--out", default="results", help="report, plots and results.json (default: results)")
+    p.add_argument("--work", default="", help="built data and finished runs (default: OUT/_work)")
+    p.add_argument("--toy", action="store_true", help="tiny pipeline check (12 identities, 1 seed, 30 steps)")
+    p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5; toy 1)")
+    p.add_argument("--steps", type=int, help="training steps per run (default 600; toy 30)")
+    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated (default: %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-ablation", action="store_true", help="skip the OTFace ablation")
+    g.add_argument("--ablation", help="comma-separated ablation variants (default: all of "
+                   + ", ".join(ABLATION_GRID) + ")")
+    p.add_argument("--test-identities", type=int, help="held-out identities (default 20: 10 folds of 2)")
+    p.add_argument("--pairs", type=int, help="held-out pairs in the .bin (default 6000)")
+    p.add_argument("--jobs", type=int, default=0, help="runs trained in parallel, one single-threaded "
+                   "process each (default: min(2, CPUs)); 1 trains in this process")
+    p.add_argument("--threads", type=int, default=0, help="torch threads with --jobs 1 (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    dataset = args.dataset or str(default_dataset_dir())
+    cfg = toy_config(dataset, args.out) if args.toy else StudyConfig(dataset=dataset, out=args.out)
+    train = cfg.train
+    if args.steps:
+        train = replace(train, steps=args.steps)
+    if args.threads:
+        train = replace(train, threads=args.threads)
+    cfg = replace(cfg, train=train, work=args.work)
+    cfg = replace(cfg, jobs=args.jobs or min(2, os.cpu_count() or 1))
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
+    unknown = sorted(set(losses) - set(LOSSES))
+    if unknown:
+        raise SystemExit(f"otface-bench: unknown loss {unknown}; choose from {LOSSES}")
+    cfg = replace(cfg, losses=losses)
+    if args.no_ablation:
+        cfg = replace(cfg, ablation=False)
+    elif args.ablation:
+        variants = tuple(v.strip() for v in args.ablation.split(",") if v.strip())
+        bad = sorted(set(variants) - set(ABLATION_GRID))
+        if bad:
+            raise SystemExit(f"otface-bench: unknown ablation variant {bad}; choose from {list(ABLATION_GRID)}")
+        cfg = replace(cfg, ablation_variants=variants)
+    if args.test_identities:
+        cfg = replace(cfg, test_identities=args.test_identities)
+    if args.pairs:
+        cfg = replace(cfg, pairs=args.pairs)
+    return cfg
+
+
+def write_outputs(results, scores, issame, out: Path, command: str) -> None:
+    """results.json, the PNG plots, REPORT.md and README_table.md into ``out``."""
+    from otface_plugin.bench import plots, report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots.plot_training(results, out / "training.png")
+    plots.plot_roc(results, scores, issame, out / "roc.png")
+    plots.plot_similarity_hist(results, scores, issame, out / "similarity_hist.png")
+    plots.plot_ablation(results, out / "ablation.png")
+    (out / "REPORT.md").write_text(report.render(results, command))
+    (out / "README_table.md").write_text(report.readme_table(results))
+    # The built data and per-run checkpoints are caches, not results to commit.
+    (out / ".gitignore").write_text("_work/\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if not Path(cfg.dataset).is_dir():
+        print(f"otface-bench: dataset {cfg.dataset} not found (pass it as an argument or set "
+              "OTFACE_SHARED_DATA)", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib  # noqa: F401  (fail before an hour of training, not after)
+    except ImportError:
+        print("otface-bench: the plots need matplotlib: pip install 'otface-plugin[bench]'", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        results, scores, issame = run_study(cfg, progress=not args.no_progress)
+        write_outputs(results, scores, issame, Path(cfg.out), " ".join(["otface-bench", *argv]))
+    except KeyboardInterrupt:
+        print("\notface-bench: interrupted; finished runs are kept and the next call resumes", file=sys.stderr)
+        return 130
+    print(f"otface-bench: wrote {Path(cfg.out) / 'REPORT.md'} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Data for the study: identity-disjoint split, ``.rec``/``.bin`` built with ``otface-data``,
+and in-memory tensors read back through the plugin's RecordIO reader and P x K sampler.
+
+The dataset is tiny (a few thousand 112 x 112 images), so every image is decoded once into a
+uint8 tensor; batches are then index operations and the training loop measures the loss, not
+JPEG decoding.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from otface_plugin.data import IdentityIndex, MXIndexedRecordIO, PKSampler, unpack, unpack_img
+
+ENV_SHARED = "OTFACE_SHARED_DATA"
+
+
+def default_dataset_dir() -> Path:
+    """``$OTFACE_SHARED_DATA`` (the shared data root or the dataset itself), else
+    ``<repo>/../shared/data/extyaleb``."""
+    env = os.environ.get(ENV_SHARED)
+    repo = Path(__file__).resolve().parents[2]
+    candidates = ([Path(env) / "data" / "extyaleb", Path(env) / "extyaleb", Path(env)] if env
+                  else [repo.parent / "shared" / "data" / "extyaleb"])
+    for c in candidates:
+        if c.is_dir() and any(p.is_dir() for p in c.iterdir()):
+            return c
+    return candidates[0]
+
+
+@dataclass
+class Prepared:
+    """Paths and facts of a prepared split."""
+
+    rec_dir: Path
+    bin_path: Path
+    train_ids: List[str]
+    test_ids: List[str]
+    folds: int
+    pairs: int
+
+
+def _cli(args: List[str]) -> None:
+    # The documented CLI is the stable interface of the data tools; call it in-process.
+    from otface_plugin.data.cli import main as data_cli
+
+    rc = data_cli(args)
+    if rc:
+        raise RuntimeError(f"otface-data {' '.join(args)} failed with exit status {rc}")
+
+
+def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: int = 0,
+            image_size: int = 112, workers: int = 1, max_identities: Optional[int] = None,
+            progress: bool = True) -> Prepared:
+    """Split ``dataset`` (one folder per identity) and build ``train.rec`` + ``test.bin``.
+
+    Outputs land in ``work``; a finished build (marker file) is reused. The ``.bin`` has
+    ``folds = min(10, test_identities // 2)`` identity-disjoint folds (the builder needs two
+    identities per fold for different-identity pairs), so the 10-fold evaluation over pair order
+    has folds that share no identity, as LFW's.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in dataset.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if max_identities:
+        names = names[:max_identities]
+    if not 0 < test_identities < len(names):
+        raise ValueError(f"--test-identities {test_identities} must be in (0, {len(names)})")
+    folds = min(10, test_identities // 2)
+    if folds < 2:
+        raise ValueError("need at least 4 test identities (2 identity-disjoint folds of 2)")
+    pairs = (pairs // (2 * folds)) * 2 * folds
+    done = work / "prepared.txt"
+    stamp = f"{dataset.resolve()} {names} {test_identities} {pairs} {seed} {image_size}\n"
+    tr, ho = work / "train_ids.txt", work / "test_ids.txt"
+    if not (done.is_file() and done.read_text() == stamp):
+        done.unlink(missing_ok=True)
+        if max_identities:  # a subset: `otface-data split` always scans the whole folder
+            from otface_plugin.data.folders import split_identities
+
+            train, hold = split_identities(names, test_identities / len(names), seed)
+            tr.write_text("".join(n + "\n" for n in train))
+            ho.write_text("".join(n + "\n" for n in hold))
+        else:  # the CLI takes a fraction: this one yields exactly test_identities of len(names)
+            _cli(["split", str(dataset), "--holdout-fraction", repr(test_identities / len(names)),
+                  "--seed", str(seed), "--train-list", str(tr), "--holdout-list", str(ho)])
+        flags = ["--resize", str(image_size), "--workers", str(workers), "--force"]
+        if not progress:
+            flags.append("--no-progress")
+        (work / "rec").mkdir(exist_ok=True)
+        _cli(["build-rec", str(dataset), str(work / "rec") + "/", "--identities-from", str(tr), *flags])
+        _cli(["build-bin", str(dataset), str(work / "test.bin"), "--pairs", str(pairs), "--folds",
+              str(folds), "--seed", str(seed), "--identities-from", str(ho), *flags])
+        done.write_text(stamp)
+    return Prepared(work / "rec", work / "test.bin", tr.read_text().split(), ho.read_text().split(),
+                    folds, pairs)
+
+
+def _decode(payload: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+
+
+def _read_rgb(reader: MXIndexedRecordIO, key: int) -> np.ndarray:
+    try:
+        return unpack_img(reader.read_idx(key), 1, channel_order="rgb")[1]
+    except TypeError:  # an unpack_img without channel_order: decode the payload ourselves
+        return _decode(unpack(reader.read_idx(key))[1])
+
+
+@dataclass
+class TrainSet:
+    """All training images (N, 3, H, W) uint8, labels (N,), and the identity index."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: IdentityIndex
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+
+def load_train(rec_dir: Path) -> TrainSet:
+    """Decode ``train.rec`` by dataset position (what the sampler yields)."""
+    rec = rec_dir / "train.rec"
+    index = IdentityIndex.from_rec(rec, rec_dir / "train.idx")
+    positions = np.arange(index.num_positions)
+    keys = index.record_ids(positions)
+    reader = MXIndexedRecordIO(str(rec_dir / "train.idx"), str(rec), "r")
+    try:
+        imgs = np.stack([_read_rgb(reader, int(k)) for k in keys])
+    finally:
+        reader.close()
+    images = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(index.labels())
+    return TrainSet(images, labels, index)
+
+
+def load_bin(path: Path) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Unique images (U, 3, H, W) uint8, pair -> image ids (P, 2), issame (P,) bool.
+
+    Identical encoded images are decoded once: the pairs reuse images heavily.
+    """
+    with open(path, "rb") as f:
+        bins, issame = pickle.load(f, encoding="bytes")
+    uid: dict = {}
+    ids = np.array([uid.setdefault(bytes(b), len(uid)) for b in bins], dtype=np.int64)
+    images = np.stack([_decode(b) for b in uid])
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), ids.reshape(-1, 2),
+            np.asarray(issame, dtype=bool))
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1], the recipe's ``(x / 255 - 0.5) / 0.5``."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int
+               ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` P x K batches from the plugin's PKSampler, epoch after epoch, with the recipe's
+    random horizontal flip drawn from a generator of its own: the order and the flips depend
+    only on ``seed``, so every loss sees the same images in the same order."""
+    sampler = PKSampler(train.index, batch_size, num_instances=K, num_replicas=1, rank=0, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    done, epoch = 0, 0
+    while done < steps:
+        sampler.set_epoch(epoch)
+        for chunk in np.asarray(list(iter(sampler)), dtype=np.int64).reshape(-1, batch_size):
+            if done == steps:
+                return
+            idx = torch.from_numpy(chunk)
+            x = normalise(train.images[idx])
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x[flip] = x[flip].flip(-1)
+            yield x, train.labels[idx]
+            done += 1
+        epoch += 1

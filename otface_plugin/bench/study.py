@@ -1,0 +1,312 @@
+"""The study: plan the runs, run (or reuse) each, and collect every number.
+
+Runs are keyed by a hash of everything that changes their outcome (data, training config,
+loss, seed, options); a finished run with the same key is loaded instead of repeated, so an
+interrupted study resumes where it stopped and a changed setting reruns only what it affects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from otface_plugin.bench import metrics as M
+from otface_plugin.bench.data import Prepared, load_bin, load_train, prepare
+from otface_plugin.bench.train import (LOSSES, OTFACE_DEFAULTS, RunSpec, TrainConfig, load_run,
+                                       pair_scores, save_run, train_run)
+
+# One change at a time against the defaults (lambda 0.1, eps 0.05, conv, hard).
+ABLATION_GRID: Dict[str, Dict[str, Any]] = {
+    "lambda=0.03": {"lambda_ot": 0.03},
+    "lambda=0.3": {"lambda_ot": 0.3},
+    "lambda=1.0": {"lambda_ot": 1.0},
+    "eps=0.02": {"eps": 0.02},
+    "eps=0.2": {"eps": 0.2},
+    "feature=embedding": {"feature": "embedding"},
+    "triplets=all": {"triplet_mode": "all"},
+    "triplets=misclassified": {"triplet_mode": "misclassified"},
+}
+TOY_ABLATION = ("lambda=0.3", "feature=embedding")
+FARS = (1e-2, 1e-3)
+HARD_FRACTION = 0.1
+
+
+@dataclass
+class StudyConfig:
+    """A whole study: data, seeds, losses, training budget and the ablation switch."""
+
+    dataset: str
+    out: str = "results"
+    work: str = ""  # default: <out>/_work
+    test_identities: int = 20
+    pairs: int = 6000
+    split_seed: int = 0
+    max_identities: int = 0  # 0: all identity folders
+    seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)
+    losses: Tuple[str, ...] = LOSSES
+    ablation: bool = True
+    ablation_variants: Tuple[str, ...] = tuple(ABLATION_GRID)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    workers: int = 2
+    jobs: int = 2  # runs trained in parallel, one process each
+    toy: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(self.out) / "_work"
+
+
+def toy_config(dataset: str, out: str) -> StudyConfig:
+    """Minutes-sized pipeline check: 12 identities, 1 seed, 30 steps, tiny net, 2 ablations."""
+    return StudyConfig(dataset=dataset, out=out, test_identities=8, pairs=480, max_identities=12,
+                       seeds=(0,), ablation_variants=TOY_ABLATION, toy=True,
+                       train=TrainConfig(steps=30, P=4, K=4, widths=(8, 8, 16, 16),
+                                         embedding_size=32, log_every=5))
+
+
+def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
+    """Every loss x seed, then the OTFace ablation variants at the first seed."""
+    runs = [RunSpec(loss, seed) for seed in cfg.seeds for loss in cfg.losses]
+    if cfg.ablation and "otface" in cfg.losses:
+        runs += [RunSpec("otface", cfg.seeds[0], v, ABLATION_GRID[v]) for v in cfg.ablation_variants]
+    return runs
+
+
+def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
+    train = asdict(cfg.train)
+    train.pop("threads")  # how a run is computed, not what it computes
+    blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
+                       "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
+                       "defaults": OTFACE_DEFAULTS}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.05)
+
+
+def run_study(cfg: StudyConfig, progress: bool = True, log=print
+              ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], np.ndarray]:
+    """Prepare the data, train/evaluate every planned run (reusing finished ones), collect.
+
+    Returns the results (JSON-able), the pair scores of every run and the pairs' labels.
+    """
+    t_start = time.perf_counter()
+    work = cfg.work_dir
+    log(f"[1/3] data: identity-disjoint split and .rec/.bin in {work / 'data'}")
+    prep = prepare(Path(cfg.dataset), work / "data", cfg.test_identities, cfg.pairs, cfg.split_seed,
+                   workers=cfg.workers, max_identities=cfg.max_identities or None, progress=progress)
+    train, (images, pairs, issame) = _load({"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path)})
+    log(f"      {len(prep.train_ids)} train identities ({len(train.images)} images), "
+        f"{len(prep.test_ids)} test identities: {len(issame)} pairs in {prep.folds} folds")
+
+    specs = plan_runs(cfg)
+    keys = {s.name: run_key(cfg, prep, s) for s in specs}
+    todo = [s for s in specs if load_run(work / "runs" / s.name, keys[s.name]) is None]
+    log(f"[2/3] runs: {len(specs)} planned, {len(specs) - len(todo)} already finished, "
+        f"{len(todo)} to train ({cfg.train.steps} steps each)")
+    bar = _bar(len(todo) * cfg.train.steps, "training", progress)
+    job = {"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path), "train": cfg.train}
+    if cfg.jobs <= 1:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            timing = run_one(job, spec, str(work / "runs" / spec.name), keys[spec.name],
+                             lambda n: bar.update(n), cfg.train.threads)
+            if not progress:
+                log(f"      {spec.name}: {timing['ms_per_step_median']:.0f} ms/step")
+    else:
+        _run_parallel(job, todo, work, keys, cfg.jobs, bar, progress, log)
+    bar.close()
+
+    log("[3/3] metrics")
+    loaded = {s.name: load_run(work / "runs" / s.name, keys[s.name]) for s in specs}
+    results = collect(cfg, prep, specs, loaded, issame)
+    results["meta"]["wall_seconds_this_invocation"] = time.perf_counter() - t_start
+    results["meta"]["runs_trained_this_invocation"] = len(todo)
+    return results, {name: r[1] for name, r in loaded.items()}, issame
+
+
+_CACHE: Dict[str, Any] = {}
+
+
+def _load(job: Dict[str, Any]):
+    """Decoded train set and pairs, once per process (workers are reused across runs)."""
+    key = job["rec_dir"] + "|" + job["bin"]
+    if _CACHE.get("key") != key:
+        _CACHE.update(key=key, train=load_train(Path(job["rec_dir"])), bin=load_bin(Path(job["bin"])))
+    return _CACHE["train"], _CACHE["bin"]
+
+
+def run_one(job: Dict[str, Any], spec: RunSpec, run_dir: str, key: str, report=None,
+            threads: int = 0) -> Dict[str, float]:
+    """Train, evaluate and store one run (in this process); returns its timings."""
+    if threads:
+        torch.set_num_threads(threads)
+    train, (images, pairs, _) = _load(job)
+    pending = [0]
+
+    def on_step(step: int) -> None:
+        pending[0] += 1
+        if report and (pending[0] >= 10 or step == job["train"].steps - 1):
+            report(pending[0])
+            pending[0] = 0
+
+    net, history, timing = train_run(spec, job["train"], train, on_step=on_step)
+    t0 = time.perf_counter()
+    scores = pair_scores(net, images, pairs)
+    timing["eval_seconds"] = time.perf_counter() - t0
+    timing["threads"] = torch.get_num_threads()
+    save_run(Path(run_dir), key, spec, net, history, timing, scores)
+    return timing
+
+
+_QUEUE = None
+
+
+def _init_worker(queue) -> None:
+    """Pool initializer: keep the progress queue; leave Ctrl-C to the parent, which terminates
+    the pool (a worker killed mid-run leaves no result.json, so the run restarts next time)."""
+    import signal
+
+    global _QUEUE
+    _QUEUE = queue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker(job, spec, run_dir, key, threads) -> Dict[str, float]:
+    return run_one(job, spec, run_dir, key, _QUEUE.put, threads)
+
+
+def _run_parallel(job, todo: List[RunSpec], work: Path, keys: Dict[str, str], jobs: int, bar,
+                  progress: bool, log) -> None:
+    """Runs in ``jobs`` single-threaded processes. On a small CPU this beats one process with
+    several threads (no OpenMP barriers per op) and degrades gracefully when the machine is
+    shared: oversubscribed OpenMP threads spin-wait and can slow a step down tenfold."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")  # no fork of a process that already ran OpenMP regions
+    threads = max(1, (os.cpu_count() or jobs) // jobs)
+    q = ctx.Queue()
+    pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(q,))
+    try:
+        pending = {s.name: pool.apply_async(_worker, (job, s, str(work / "runs" / s.name), keys[s.name], threads))
+                   for s in todo}
+        while pending:
+            try:
+                bar.update(q.get(timeout=0.5))
+                while True:
+                    bar.update(q.get_nowait())
+            except queue_mod.Empty:
+                pass
+            for name in [n for n, r in pending.items() if r.ready()]:
+                timing = pending.pop(name).get()  # a failed run stops the study with its error
+                bar.set_postfix_str(f"{name} done")
+                if not progress:
+                    log(f"      {name}: {timing['ms_per_step_median']:.0f} ms/step")
+        pool.close()
+    except BaseException:
+        pool.terminate()  # Ctrl-C or a failed run: stop the other workers now
+        raise
+    finally:
+        pool.join()
+
+
+def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
+            loaded: Dict[str, Tuple[dict, np.ndarray]], issame: np.ndarray) -> Dict[str, Any]:
+    """All numbers: per run, per loss (mean/std over seeds), paired deltas, ablation."""
+    def arc_scores(seed: int) -> Optional[np.ndarray]:
+        r = loaded.get(RunSpec("arcface", seed).name)
+        return None if r is None else r[1]
+
+    seeds = list(cfg.seeds)
+    runs: Dict[str, Dict[str, Any]] = {}
+    for spec in specs:
+        result, scores = loaded[spec.name]
+        ev = M.evaluate(scores, issame, prep.folds, FARS)
+        correct = ev.pop("correct")
+        row: Dict[str, Any] = {"loss": spec.loss, "seed": spec.seed, "variant": spec.variant,
+                               "options": spec.options, **ev}
+        # Hard pairs under the ArcFace model. Same seed: the selection favours every model
+        # but that ArcFace one (its errors define the set). Other seed: an independent ArcFace
+        # selects, so all three losses of this seed are judged on equal terms.
+        same = arc_scores(spec.seed)
+        if same is not None:
+            row["hard_accuracy_same_seed"] = float(correct[M.hard_pairs(same, issame, HARD_FRACTION)].mean())
+        if len(seeds) > 1:
+            other = arc_scores(seeds[(seeds.index(spec.seed) + 1) % len(seeds)])
+            if other is not None:
+                row["hard_accuracy_other_seed"] = float(correct[M.hard_pairs(other, issame, HARD_FRACTION)].mean())
+        row.update({k: float(v) for k, v in result["timing"].items()})
+        h = result["history"]
+        row["final_loss"] = float(np.mean(h["loss"][-3:]))
+        row["history"] = h
+        runs[spec.name] = row
+
+    metric_names = ["accuracy", *[f"tar@far={f:g}" for f in FARS], "hard_accuracy_other_seed",
+                    "hard_accuracy_same_seed", "ms_per_step_median", "ms_per_step_mean"]
+    main = [r for r in runs.values() if r["variant"] == "default"]
+    summary: Dict[str, Dict[str, Any]] = {}
+    for loss in cfg.losses:
+        rows = [r for r in main if r["loss"] == loss]
+        summary[loss] = {m: M.mean_std([r[m] for r in rows]) for m in metric_names
+                         if rows and all(m in r for r in rows)}
+    # Paired by seed: same init, same batches, so the per-seed difference removes most noise.
+    paired: Dict[str, Dict[str, Any]] = {}
+    for loss in cfg.losses:
+        if loss == "arcface" or "arcface" not in cfg.losses:
+            continue
+        paired[f"{loss}-arcface"] = {}
+        for m in ("accuracy", *[f"tar@far={f:g}" for f in FARS], "hard_accuracy_other_seed"):
+            d = [runs[RunSpec(loss, s).name][m] - runs[RunSpec("arcface", s).name][m]
+                 for s in seeds if m in runs[RunSpec(loss, s).name]]
+            if d:
+                paired[f"{loss}-arcface"][m] = {**M.mean_std(d), "wins": int(sum(x > 0 for x in d)),
+                                                "ties": int(sum(x == 0 for x in d))}
+    ot_activity = {name: ot_term_activity(r["history"]) for name, r in runs.items() if r["loss"] == "otface"}
+    ablation = {}
+    if cfg.ablation and "otface" in cfg.losses:
+        ablation["default"] = {"options": dict(OTFACE_DEFAULTS), "run": RunSpec("otface", seeds[0]).name}
+        for v in cfg.ablation_variants:
+            ablation[v] = {"options": ABLATION_GRID[v], "run": RunSpec("otface", seeds[0], v, ABLATION_GRID[v]).name}
+    meta = {
+        "dataset": str(Path(cfg.dataset).resolve()), "toy": cfg.toy,
+        "route": "plugin minimal loop (otface_plugin.bench.train), not the recipe's train_v2.py",
+        "split": {"train_identities": prep.train_ids, "test_identities": prep.test_ids,
+                  "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed},
+        "train": asdict(cfg.train), "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
+        "losses": list(cfg.losses), "hard_fraction": HARD_FRACTION, "fars": list(FARS),
+        "torch": torch.__version__, "jobs": cfg.jobs, "cpus": os.cpu_count(),
+        "python": platform.python_version(), "machine": platform.machine(),
+        "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    return {"meta": meta, "summary": summary, "paired": paired, "ablation": ablation,
+            "ot_activity": ot_activity, "runs": runs}
+
+
+def ot_term_activity(history: Dict[str, List[float]]) -> Dict[str, Any]:
+    """When the OT term had hard triplets to act on (from the logged steps).
+
+    On a small training set the batches become separable within the triplet margin, the
+    hard triplets disappear and OTFace reduces to its margin loss: the report must say when.
+    """
+    steps, trip = history["step"], history["triplets"]
+    active = [s for s, t in zip(steps, trip) if t > 0]
+    last = active[-1] if active else None
+    thirds = [float(np.mean([t > 0 for t in part])) if len(part) else 0.0
+              for part in np.array_split(np.asarray(trip, dtype=float), 3)]
+    return {"logged_steps": len(steps), "active_share": len(active) / max(1, len(steps)),
+            "active_share_by_third": thirds,
+            "last_active_step": last, "first_triplets": trip[0] if trip else 0.0,
+            "mean_triplets": float(np.mean(trip)) if trip else 0.0}
