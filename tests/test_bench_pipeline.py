@@ -47,7 +47,7 @@ def _is_png(path: Path) -> bool:
 @pytest.mark.slow
 def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
     out = tmp_path / "results"
-    assert main([str(dataset), "--toy", "--out", str(out), "--no-progress"]) == 0
+    assert main([str(dataset), "--toy", "--route", "plugin", "--out", str(out), "--no-progress"]) == 0
 
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"meta", "summary", "paired", "ablation", "ot_activity", "runs"}
@@ -78,6 +78,7 @@ def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
     for png in ("training.png", "roc.png", "similarity_hist.png", "ablation.png"):
         assert _is_png(out / png), png
     report = (out / "REPORT.md").read_text()
+    assert "| route | plugin minimal loop" in report
     for word in ("ArcFace", "CosFace", "OTFace", "TOY RUN", "can and cannot show", "Ablation",
                  "training.png", "roc.png", "similarity_hist.png"):
         assert word in report, word
@@ -85,7 +86,7 @@ def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
 
     # Second call: nothing is retrained, outputs are rewritten from the stored runs.
     capsys.readouterr()
-    assert main([str(dataset), "--toy", "--out", str(out), "--no-progress"]) == 0
+    assert main([str(dataset), "--toy", "--route", "plugin", "--out", str(out), "--no-progress"]) == 0
     assert "5 already finished, 0 to train" in capsys.readouterr().out
     res2 = json.loads((out / "results.json").read_text())
     assert res2["meta"]["runs_trained_this_invocation"] == 0
@@ -95,7 +96,7 @@ def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
 @pytest.mark.slow
 def test_interrupted_run_is_retrained_cleanly(dataset, tmp_path):
     out = tmp_path / "r"
-    args = [str(dataset), "--toy", "--out", str(out), "--no-progress", "--no-ablation", "--losses", "arcface,otface"]
+    args = [str(dataset), "--toy", "--route", "plugin", "--out", str(out), "--no-progress", "--no-ablation", "--losses", "arcface,otface"]
     assert main(args) == 0
     run = out / "_work" / "runs" / "otface-default-s0"
     (run / "result.json").unlink()  # as if killed before the run finished

@@ -1,8 +1,17 @@
 """``otface-bench`` / ``python -m otface_plugin.bench``: the whole study in one command.
 
-    otface-bench                       # full study: 3 losses x 5 seeds + OTFace ablation (~26 min, 2 idle cores)
+    otface-bench                       # full study: 3 losses x 5 seeds + OTFace ablation (~26 min on 2 idle
+                                       # cores through the plugin route; ~9 h through the recipe route)
     otface-bench --toy --out /tmp/toy  # pipeline check in under a minute
     otface-bench --no-ablation --seeds 3
+    otface-bench --route plugin        # the committed report's route, whatever ARCFACE_TORCH_DIR says
+    ARCFACE_TORCH_DIR=... OTFACE_TRAIN_PYTHON=... otface-bench --route recipe --toy --out /tmp/toy_recipe
+
+Routes: "plugin" trains in the plugin's own minimal loop (otface_plugin.bench.train); "recipe"
+patches a copy of $ARCFACE_TORCH_DIR under the work dir (never the checkout itself) and trains each
+run with `torchrun train_v2.py` (upstream backbone, --network) in $OTFACE_TRAIN_PYTHON (default:
+this Python); "auto" (default) is recipe when ARCFACE_TORCH_DIR is set, else plugin. The recipe
+route costs far more per step (see docs/evidence.md).
 """
 from __future__ import annotations
 
@@ -41,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=0, help="runs trained in parallel, one single-threaded "
                    "process each (default: min(2, CPUs)); 1 trains in this process")
     p.add_argument("--threads", type=int, default=0, help="torch threads with --jobs 1 (default: torch's choice)")
+    p.add_argument("--route", choices=("auto", "plugin", "recipe"), default="auto",
+                   help="plugin: own minimal loop; recipe: patched train_v2.py from $ARCFACE_TORCH_DIR; "
+                   "auto (default): recipe when ARCFACE_TORCH_DIR is set, else plugin")
+    p.add_argument("--network", default="mbf", help="upstream backbone of the recipe route (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -55,6 +68,9 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         train = replace(train, threads=args.threads)
     cfg = replace(cfg, train=train, work=args.work)
     cfg = replace(cfg, jobs=args.jobs or min(2, os.cpu_count() or 1))
+    from otface_plugin.bench.recipe import resolve_route
+
+    cfg = replace(cfg, route=resolve_route(args.route), network=args.network)
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
@@ -101,6 +117,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"otface-bench: dataset {cfg.dataset} not found (pass it as an argument or set "
               "OTFACE_SHARED_DATA)", file=sys.stderr)
         return 2
+    if cfg.route == "recipe":
+        from otface_plugin.bench import recipe
+
+        if not os.environ.get(recipe.ENV_UPSTREAM):
+            print("otface-bench: --route recipe needs ARCFACE_TORCH_DIR (an arcface_torch checkout)",
+                  file=sys.stderr)
+            return 2
+        missing = recipe.missing_deps()
+        if missing:
+            print(f"otface-bench: {recipe.train_python()} cannot run train_v2.py ({missing}); set "
+                  "OTFACE_TRAIN_PYTHON to the training environment's python", file=sys.stderr)
+            return 2
     try:
         import matplotlib  # noqa: F401  (fail before an hour of training, not after)
     except ImportError:

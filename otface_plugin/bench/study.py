@@ -36,6 +36,11 @@ ABLATION_GRID: Dict[str, Dict[str, Any]] = {
 }
 TOY_ABLATION = ("lambda=0.3", "feature=embedding")
 FARS = (1e-2, 1e-3)
+ROUTE_LINES = {
+    "plugin": "plugin minimal loop (otface_plugin.bench.train), not the recipe's train_v2.py",
+    "recipe": "recipe: patched copy of {upstream} trained with torchrun train_v2.py "
+              "(network {network}, sampler pk, margin scale 64), not the plugin's minimal loop",
+}
 HARD_FRACTION = 0.1
 
 
@@ -58,6 +63,12 @@ class StudyConfig:
     workers: int = 2
     jobs: int = 2  # runs trained in parallel, one process each
     toy: bool = False
+    route: str = "plugin"  # "plugin" (own minimal loop) or "recipe" (patched train_v2.py); cli resolves "auto"
+    network: str = "mbf"  # upstream backbone of the recipe route
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.work_dir / ("runs" if self.route == "plugin" else f"runs_{self.route}")
 
     @property
     def work_dir(self) -> Path:
@@ -85,7 +96,10 @@ def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     train.pop("threads")  # how a run is computed, not what it computes
     blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
-                       "defaults": OTFACE_DEFAULTS}, sort_keys=True, default=str)
+                       "defaults": OTFACE_DEFAULTS,
+                       # plugin-route keys stay as they were; other routes add their own fields
+                       **({} if cfg.route == "plugin" else {"route": cfg.route, "network": cfg.network})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -113,24 +127,41 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print
 
     specs = plan_runs(cfg)
     keys = {s.name: run_key(cfg, prep, s) for s in specs}
-    todo = [s for s in specs if load_run(work / "runs" / s.name, keys[s.name]) is None]
-    log(f"[2/3] runs: {len(specs)} planned, {len(specs) - len(todo)} already finished, "
+    runs_dir = cfg.runs_dir
+    todo = [s for s in specs if load_run(runs_dir / s.name, keys[s.name]) is None]
+    log(f"[2/3] runs ({cfg.route} route): {len(specs)} planned, {len(specs) - len(todo)} already finished, "
         f"{len(todo)} to train ({cfg.train.steps} steps each)")
     bar = _bar(len(todo) * cfg.train.steps, "training", progress)
     job = {"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path), "train": cfg.train}
-    if cfg.jobs <= 1:
+    if cfg.route == "recipe" and todo:
+        from otface_plugin.bench import recipe
+
+        root = recipe.prepare_checkout(work)
+        log(f"      recipe: train_v2.py of {root} (patched copy), {cfg.network}, "
+            f"python {recipe.train_python()}")
         for spec in todo:
             bar.set_postfix_str(spec.name)
-            timing = run_one(job, spec, str(work / "runs" / spec.name), keys[spec.name],
+            timing = recipe.run_recipe(root, spec, cfg.train, prep.rec_dir, prep.bin_path,
+                                       train.num_classes, runs_dir / spec.name, keys[spec.name],
+                                       cfg.network, cfg.train.threads)
+            bar.update(cfg.train.steps)
+            if not progress:
+                log(f"      {spec.name}: {timing['ms_per_step_median']:.0f} ms/step")
+    elif cfg.route == "recipe":
+        pass
+    elif cfg.jobs <= 1:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            timing = run_one(job, spec, str(runs_dir / spec.name), keys[spec.name],
                              lambda n: bar.update(n), cfg.train.threads)
             if not progress:
                 log(f"      {spec.name}: {timing['ms_per_step_median']:.0f} ms/step")
     else:
-        _run_parallel(job, todo, work, keys, cfg.jobs, bar, progress, log)
+        _run_parallel(job, todo, runs_dir, keys, cfg.jobs, bar, progress, log)
     bar.close()
 
     log("[3/3] metrics")
-    loaded = {s.name: load_run(work / "runs" / s.name, keys[s.name]) for s in specs}
+    loaded = {s.name: load_run(runs_dir / s.name, keys[s.name]) for s in specs}
     results = collect(cfg, prep, specs, loaded, issame)
     results["meta"]["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     results["meta"]["runs_trained_this_invocation"] = len(todo)
@@ -188,7 +219,7 @@ def _worker(job, spec, run_dir, key, threads) -> Dict[str, float]:
     return run_one(job, spec, run_dir, key, _QUEUE.put, threads)
 
 
-def _run_parallel(job, todo: List[RunSpec], work: Path, keys: Dict[str, str], jobs: int, bar,
+def _run_parallel(job, todo: List[RunSpec], runs_dir: Path, keys: Dict[str, str], jobs: int, bar,
                   progress: bool, log) -> None:
     """Runs in ``jobs`` single-threaded processes. On a small CPU this beats one process with
     several threads (no OpenMP barriers per op) and degrades gracefully when the machine is
@@ -201,7 +232,7 @@ def _run_parallel(job, todo: List[RunSpec], work: Path, keys: Dict[str, str], jo
     q = ctx.Queue()
     pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(q,))
     try:
-        pending = {s.name: pool.apply_async(_worker, (job, s, str(work / "runs" / s.name), keys[s.name], threads))
+        pending = {s.name: pool.apply_async(_worker, (job, s, str(runs_dir / s.name), keys[s.name], threads))
                    for s in todo}
         while pending:
             try:
@@ -282,12 +313,14 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
             ablation[v] = {"options": ABLATION_GRID[v], "run": RunSpec("otface", seeds[0], v, ABLATION_GRID[v]).name}
     meta = {
         "dataset": str(Path(cfg.dataset).resolve()), "toy": cfg.toy,
-        "route": "plugin minimal loop (otface_plugin.bench.train), not the recipe's train_v2.py",
+        "route": ROUTE_LINES[cfg.route].format(network=cfg.network,
+                                               upstream=os.environ.get("ARCFACE_TORCH_DIR", "")),
         "split": {"train_identities": prep.train_ids, "test_identities": prep.test_ids,
                   "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed},
         "train": asdict(cfg.train), "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
         "losses": list(cfg.losses), "hard_fraction": HARD_FRACTION, "fars": list(FARS),
-        "torch": torch.__version__, "jobs": cfg.jobs, "cpus": os.cpu_count(),
+        "network": cfg.network if cfg.route == "recipe" else None,
+        "torch": torch.__version__, "jobs": cfg.jobs if cfg.route == "plugin" else 1, "cpus": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
