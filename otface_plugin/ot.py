@@ -129,13 +129,10 @@ def sinkhorn(
             C_solve = C if solve_grad else C.detach()
             log_u, log_v = _iterate(C_solve, log_a, log_b, schedule, method)
 
-        if grad == "envelope":
-            log_u, log_v = log_u.detach(), log_v.detach()
-            plan = torch.exp(-C.detach() / eps + log_u[:, :, None] + log_v[:, None, :])
-            transport = (plan * C).sum(dim=(1, 2))
-        else:
-            plan = torch.exp(-C / eps + log_u[:, :, None] + log_v[:, None, :])
-            transport = (plan * C).sum(dim=(1, 2))
+        # Envelope: the plan is a constant, so the gradient of <P, C> reaches C only directly.
+        C_plan = C if solve_grad else C.detach()
+        plan = torch.exp(-C_plan / eps + log_u[:, :, None] + log_v[:, None, :])
+        transport = (plan * C).sum(dim=(1, 2))
     return OTResult(cost=transport, log_u=log_u, log_v=log_v, cost_matrix=C, eps=eps)
 
 

@@ -79,7 +79,7 @@ KNOWN_KEYS = {**RECIPE_KEYS, **PLUGIN_KEYS}
 
 SAMPLERS = ("pk", "distributed")
 RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
-MARGIN_PRESETS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
+from otface_plugin.losses.margin import MARGIN_PRESETS  # noqa: E402  (one definition for loss and config)
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
 FROM_RECIPE = ("margin_loss", "num_classes", "embedding_size")
 HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}

@@ -19,8 +19,6 @@ from torch import distributed
 from otface_plugin.arcface_torch.config import DEFAULT_LAYER, build_otface_loss
 from otface_plugin.features import FeatureCapture
 
-log = logging.getLogger(__name__)
-
 
 class OTFaceHead(torch.nn.Module):
     """``loss = head(local_embeddings, local_labels)`` like PartialFC_V2, plus the OT term.

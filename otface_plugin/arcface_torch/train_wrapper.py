@@ -23,7 +23,7 @@ import linecache
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from otface_plugin.arcface_torch import installer
 from otface_plugin.arcface_torch.patchset import apply_all, git_blob_id, load_patches, patches_by_file

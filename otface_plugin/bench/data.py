@@ -7,7 +7,6 @@ JPEG decoding.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -16,9 +15,10 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from otface_plugin.data import IdentityIndex, MXIndexedRecordIO, PKSampler, unpack, unpack_img
+from otface_plugin.data import IdentityIndex, MXIndexedRecordIO, PKSampler
+from otface_plugin.data.dataset import read_image_record
+from otface_plugin.data.imagecodec import decode_image
 
 ENV_SHARED = "OTFACE_SHARED_DATA"
 
@@ -103,17 +103,6 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
                     folds, pairs)
 
 
-def _decode(payload: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
-
-
-def _read_rgb(reader: MXIndexedRecordIO, key: int) -> np.ndarray:
-    try:
-        return unpack_img(reader.read_idx(key), 1, channel_order="rgb")[1]
-    except TypeError:  # an unpack_img without channel_order: decode the payload ourselves
-        return _decode(unpack(reader.read_idx(key))[1])
-
-
 @dataclass
 class TrainSet:
     """All training images (N, 3, H, W) uint8, labels (N,), and the identity index."""
@@ -135,7 +124,7 @@ def load_train(rec_dir: Path) -> TrainSet:
     keys = index.record_ids(positions)
     reader = MXIndexedRecordIO(str(rec_dir / "train.idx"), str(rec), "r")
     try:
-        imgs = np.stack([_read_rgb(reader, int(k)) for k in keys])
+        imgs = np.stack([read_image_record(reader, int(k))[1] for k in keys])
     finally:
         reader.close()
     images = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
@@ -152,7 +141,7 @@ def load_bin(path: Path) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
         bins, issame = pickle.load(f, encoding="bytes")
     uid: dict = {}
     ids = np.array([uid.setdefault(bytes(b), len(uid)) for b in bins], dtype=np.int64)
-    images = np.stack([_decode(b) for b in uid])
+    images = np.stack([decode_image(b) for b in uid])
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), ids.reshape(-1, 2),
             np.asarray(issame, dtype=bool))
 
@@ -172,7 +161,7 @@ def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int
     done, epoch = 0, 0
     while done < steps:
         sampler.set_epoch(epoch)
-        for chunk in np.asarray(list(iter(sampler)), dtype=np.int64).reshape(-1, batch_size):
+        for chunk in sampler.epoch_indices().reshape(-1, batch_size):
             if done == steps:
                 return
             idx = torch.from_numpy(chunk)

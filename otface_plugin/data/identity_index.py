@@ -148,7 +148,11 @@ class IdentityIndex:
         for p in (rec_path, idx_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p}: no such file")
-        return _Builder(rec_path, idx_path, cache, cache_dir, check_samples).build(use_header)
+        builder = _Builder(rec_path, idx_path, cache, cache_dir, check_samples)
+        try:
+            return builder.build(use_header)
+        finally:
+            builder.close()
 
     # ------------------------------------------------------------------ queries
     @property
@@ -257,6 +261,17 @@ class _Builder:
                 f"{int(self.pos[i])}, past the end of {rec} ({self.size} bytes; {len(past)} "
                 f"entries do): the .rec is truncated or the .idx belongs to another file")
         self.mm = np.memmap(rec, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
+        n = len(self.keys)
+        # Lookup state, computed once: _read() runs per record in the slow paths.
+        self._consecutive = bool(n and self.keys[-1] - self.keys[0] == n - 1
+                                 and np.all(np.diff(self.keys) == 1))
+        self._order = self._sorted_keys = None
+        self._file: Optional[_RecordFile] = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     # -- entry
     def build(self, use_header: bool) -> IdentityIndex:
@@ -278,11 +293,9 @@ class _Builder:
     def _read(self, key: int) -> bytes:
         """One whole record (any layout) by key."""
         pos = int(self._positions_of(np.array([key], dtype=np.int64), "record")[0])
-        f = _RecordFile(self.rec)
-        try:
-            got = f.read_at(pos, f"record {key}")
-        finally:
-            f.close()
+        if self._file is None:
+            self._file = _RecordFile(self.rec)
+        got = self._file.read_at(pos, f"record {key}")
         if got is None:
             raise RecordIOError(f"{self.rec}: record {key} points to the end of the file")
         return got[0]
@@ -299,15 +312,17 @@ class _Builder:
 
     def _positions_of(self, keys: np.ndarray, what: str) -> np.ndarray:
         ks, n = self.keys, len(self.keys)
-        if n and ks[-1] - ks[0] == n - 1 and bool(np.all(np.diff(ks) == 1)):
+        if self._consecutive:
             j = keys - ks[0]  # consecutive keys (every file we write): direct lookup
             inside = (j >= 0) & (j < n)
             if inside.all():
                 return self.pos[j]
             raise RecordIOError(f"{self.idx}: {what} {int(keys[~inside][0])} is not in the "
                                 f"index ({int((~inside).sum())} missing)")
-        order = np.argsort(ks, kind="stable")
-        sk = ks[order]
+        if self._order is None:
+            self._order = np.argsort(ks, kind="stable")
+            self._sorted_keys = ks[self._order]
+        order, sk = self._order, self._sorted_keys
         j = np.searchsorted(sk, keys, side="right") - 1
         ok = (j >= 0) & (sk[np.maximum(j, 0)] == keys)
         if not ok.all():

@@ -107,7 +107,7 @@ def build_rec(image_dir: os.PathLike, out_prefix: os.PathLike, *, workers: int =
                 raise DatasetLayoutError(f"{image_dir}: no readable images")
             first = key
             for a, b in ranges:
-                writer.write_idx(key, pack(IRHeader(0, [float(a), float(b)], 0, 0), b""))
+                writer.write_idx(key, _header_record(a, b))
                 key += 1
         finally:
             writer.close()

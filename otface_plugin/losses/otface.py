@@ -76,7 +76,7 @@ class OTFaceTerm(torch.nn.Module):
         self.eps_start, self.max_triplets = eps_start, max_triplets
         # Cosine costs have a known span, so the solver's method is fixed without a host sync.
         self.method = "kernel" if COSINE_COST_SPAN / self.eps <= KERNEL_SPAN_LIMIT[torch.float32] else "lse"
-        self.last: Dict[str, torch.Tensor] = {}
+        self.last: Dict[str, torch.Tensor | float] = {}
 
     def forward(
         self,
@@ -100,16 +100,19 @@ class OTFaceTerm(torch.nn.Module):
         a, p, n = self._cap(embeddings, a, p, n)
         device = embeddings.device
         zero = torch.zeros((), device=device)
-        self.last = {"triplets": torch.tensor(float(a.numel()), device=device), "w_ap": zero, "w_an": zero}
+        # the count is on the host already (mining synchronised): no device copy per step
+        self.last = {"triplets": float(a.numel()), "w_ap": zero, "w_an": zero}
         if a.numel() == 0:
             return zero
 
+        # Normalise once per image, then one batched cost for the (a, p) and (a, n) problems.
         if self.feature == "conv":
-            desc = features.flatten(2).transpose(1, 2)  # (B, H*W, C)
-            cost = torch.cat([cosine_cost(desc[a], desc[p]), cosine_cost(desc[a], desc[n])], dim=0)
+            desc = _unit_float(features.flatten(2).transpose(1, 2))  # (B, H*W, C)
+            sources, targets = desc[torch.cat([a, a])], desc[torch.cat([p, n])]
         else:
-            cost = torch.stack([cosine_cost(embeddings[a][None], embeddings[p][None])[0],
-                                cosine_cost(embeddings[a][None], embeddings[n][None])[0]], dim=0)
+            e = _unit_float(embeddings)
+            sources, targets = torch.stack([e[a], e[a]]), torch.stack([e[p], e[n]])
+        cost = cosine_cost(sources, targets, normalize=False)
         w = sinkhorn(cost, eps=self.eps, iters=self.iters, grad=self.grad,
                      eps_start=self.eps_start, method=self.method).cost
         w_ap, w_an = w.chunk(2)
@@ -181,7 +184,7 @@ class OTFaceLoss(torch.nn.Module):
         self.lambda_ot = float(lambda_ot)
         self.warmup_steps = warmup_steps
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._last: Dict[str, torch.Tensor] = {}
+        self._last: Dict[str, torch.Tensor | float] = {}
 
     def current_lambda(self) -> torch.Tensor:
         """lambda at the current step, as a 0-d tensor on the step buffer's device (no sync)."""
@@ -196,8 +199,8 @@ class OTFaceLoss(torch.nn.Module):
         features: Optional[torch.Tensor] = None,
         logits: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        # PartialFC_V2 squeezes its labels in place; keep our own flat view.
-        labels = labels.detach().reshape(-1).clone()
+        # PartialFC_V2 squeezes its labels in place: it gets a copy, we keep a flat view.
+        labels = labels.detach().reshape(-1)
         margin_part = self.margin_loss(embeddings, labels.clone())
         if logits is None and self.ot_term.triplet_mode == "misclassified":
             logits = getattr(self.margin_loss, "last_cosine", None)
@@ -221,6 +224,12 @@ class OTFaceLoss(torch.nn.Module):
         Reading them synchronises with the device: call it when logging, not every step.
         """
         return {k: float(v) for k, v in self._last.items()}
+
+
+def _unit_float(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised over the last dim, at least float32 even under autocast (fp16 maps overflow)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
 
 def _margin_triple(margin):
