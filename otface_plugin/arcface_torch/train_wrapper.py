@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from otface_plugin.arcface_torch import installer
-from otface_plugin.arcface_torch.patchset import apply_all, git_blob_id, load_patches, patches_by_file
+from otface_plugin.arcface_torch.patchset import git_blob_id
 from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS, UPSTREAM_COMMIT, UPSTREAM_UNPATCHED_BLOBS
 from otface_plugin.arcface_torch.shipped import shipped_dir
 
@@ -56,8 +56,8 @@ def patched_sources(root: Path) -> Dict[str, bytes]:
             f"{root} is not the arcface_torch version otface-train knows (commit {UPSTREAM_COMMIT[:10]}); "
             "files that differ:\n" + "\n".join(differ) + hint
         )
-    by_file = patches_by_file(load_patches())
-    return {rel: apply_all(diffs, (root / rel).read_bytes()) for rel, diffs in by_file.items()}
+    # every pinned file is pristine here, so the installer's view holds the patched bytes
+    return {state.path: state.patched for state in installer.inspect_checkout(root)}
 
 
 def module_name(rel: str) -> str:
