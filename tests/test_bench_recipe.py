@@ -1,19 +1,18 @@
 """otface-bench's route switch, the recipe route's job config, and (with ARCFACE_TORCH_DIR and a
 training interpreter that has the recipe's dependencies) a toy study through train_v2.py."""
 import json
-import os
 import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NO_UPSTREAM, UPSTREAM
 
 from otface_plugin.bench import recipe
 from otface_plugin.bench.cli import _parser, config_from_args
 from otface_plugin.bench.study import StudyConfig, run_key
 from otface_plugin.bench.train import RunSpec, TrainConfig
 
-UPSTREAM = os.environ.get("ARCFACE_TORCH_DIR")
 
 
 def test_auto_route_is_plugin_without_arcface_torch_dir(monkeypatch):
@@ -83,8 +82,8 @@ def test_parse_log():
 
 @pytest.fixture(scope="module")
 def ready():
-    if not UPSTREAM:
-        pytest.skip("set ARCFACE_TORCH_DIR to an arcface_torch checkout to run the recipe route")
+    if UPSTREAM is None:
+        pytest.skip(NO_UPSTREAM)
     missing = recipe.missing_deps()
     if missing:
         pytest.skip(f"{recipe.train_python()} lacks what train_v2.py needs ({missing}); "
@@ -93,7 +92,8 @@ def ready():
 
 @pytest.mark.slow
 @pytest.mark.upstream
-def test_toy_study_through_the_recipe(ready, tmp_path, capsys):
+def test_toy_study_through_the_recipe(ready, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ARCFACE_TORCH_DIR", str(UPSTREAM))  # the shared export is read-only: bench copies it
     pytest.importorskip("matplotlib", reason="otface-bench plots need matplotlib (pip install .[bench])")
     from otface_plugin.bench.cli import main
     from otface_plugin.bench.data import default_dataset_dir
@@ -104,9 +104,9 @@ def test_toy_study_through_the_recipe(ready, tmp_path, capsys):
     out = tmp_path / "results"
     args = [str(dataset), "--toy", "--route", "recipe", "--out", str(out), "--no-progress", "--no-ablation",
             "--losses", "arcface,otface", "--steps", "20", "--pairs", "80"]
-    before = sorted(p.name for p in Path(UPSTREAM).iterdir())
+    before = sorted(p.name for p in UPSTREAM.iterdir())
     assert main(args) == 0
-    assert sorted(p.name for p in Path(UPSTREAM).iterdir()) == before  # the checkout is untouched
+    assert sorted(p.name for p in UPSTREAM.iterdir()) == before  # the checkout is untouched
 
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"meta", "summary", "paired", "ablation", "ot_activity", "runs"}

@@ -1,27 +1,21 @@
-"""otface-install on a copy of a pristine arcface_torch checkout (ARCFACE_TORCH_DIR).
+"""otface-install on a copy of a pristine arcface_torch checkout (conftest.upstream_root()).
 
-ARCFACE_TORCH_DIR itself is never written: every test patches a copy under tmp_path.
+The pristine recipe itself is never written: every test patches a copy under tmp_path.
 """
 import os
-import shutil
 import subprocess
 import sys
 import venv
 from pathlib import Path
 
 import pytest
+from conftest import REPO, UPSTREAM, needs_upstream
 
 from otface_plugin.arcface_torch import installer
 from otface_plugin.arcface_torch.patchset import git_blob_id
 from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS
 
-REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = os.environ.get("ARCFACE_TORCH_DIR")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(not UPSTREAM, reason="set ARCFACE_TORCH_DIR to a pristine insightface/recognition/arcface_torch "
-                                            "checkout (pinned commit 7fadd420) to run the installer tests"),
-]
+pytestmark = [pytest.mark.upstream, needs_upstream]
 
 
 def snapshot(root: Path) -> dict:
@@ -29,12 +23,11 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.fixture
-def checkout(tmp_path):
-    dst = tmp_path / "arcface_torch"
-    shutil.copytree(UPSTREAM, dst, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"))
+def checkout(upstream_checkout):
+    dst = upstream_checkout
     status, states = installer.check(dst)
     if status != "not installed":
-        pytest.skip(f"ARCFACE_TORCH_DIR is not a pristine pinned checkout: {status}")
+        pytest.skip(f"the recipe is not a pristine pinned checkout: {status}")
     return dst
 
 

@@ -1,6 +1,6 @@
 """End to end on CPU: patched arcface_torch trains with the plugin, resumes, exports.
 
-Needs ARCFACE_TORCH_DIR (a pristine arcface_torch checkout; only copies are patched), the face
+Needs the recipe (ARCFACE_TORCH_DIR or the shared export, see conftest.py; only copies are patched), the face
 set in ../shared/data/extyaleb (or OTFACE_FACES_DIR), and a training interpreter with the recipe's
 own dependencies (mxnet, scikit-learn, tensorboard, onnx, onnxruntime, insightface): this one,
 or the one OTFACE_TRAIN_PYTHON names (docs/integration.md: the "training environment").
@@ -8,20 +8,16 @@ or the one OTFACE_TRAIN_PYTHON names (docs/integration.md: the "training environ
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, copy_upstream, faces_dir, free_port, needs_upstream
 
 from otface_plugin.arcface_torch import installer
 
-REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = os.environ.get("ARCFACE_TORCH_DIR")
-FACES = Path(os.environ.get("OTFACE_FACES_DIR", REPO.parent / "shared" / "data" / "extyaleb"))
-TRAIN_PY = os.environ.get("OTFACE_TRAIN_PYTHON", sys.executable)
+FACES = faces_dir()
 COMPAT_AND_CPU = [
     "01-compat-lr-scheduler.patch", "02-compat-numpy.patch", "03-compat-onnx-export.patch",
     "04-compat-torchvision.patch", "05-compat-scipy.patch", "10-cpu-fallback.patch",
@@ -30,8 +26,7 @@ COMPAT_AND_CPU = [
 pytestmark = [
     pytest.mark.upstream,
     pytest.mark.slow,
-    pytest.mark.skipif(not UPSTREAM, reason="set ARCFACE_TORCH_DIR to a pristine insightface/recognition/"
-                                            "arcface_torch checkout to run the end-to-end tests"),
+    needs_upstream,
     pytest.mark.skipif(not FACES.is_dir(), reason=f"face images not found at {FACES} (set OTFACE_FACES_DIR)"),
 ]
 
@@ -39,15 +34,6 @@ OT_LINE = re.compile(r"OTFace   Global Step: (\d+)   Loss ([-\d.naif]+)   Margin
                      r"Lambda ([-\d.]+)   HardTriplets (\d+)")
 LOSS_LINE = re.compile(r"Loss ([-\d.naif]+)   LearningRate ([-\d.e]+)   Epoch: (\d+)   Global Step: (\d+)")
 
-
-@pytest.fixture(scope="module")
-def train_python():
-    probe = "import mxnet, sklearn, scipy, tensorboard, easydict, yaml, onnx, onnxruntime"
-    r = subprocess.run([TRAIN_PY, "-W", "ignore", "-c", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"{TRAIN_PY} lacks the recipe's dependencies (set OTFACE_TRAIN_PYTHON): "
-                    f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    return TRAIN_PY
 
 
 def otface_data(*args):
@@ -76,16 +62,6 @@ def data(tmp_path_factory):
     heldout = (d / "heldout.txt").read_text().split()
     return {"rec": d / "rec", "small": d / "small", "num_classes": train_ids, "heldout_ids": heldout}
 
-
-def copy_upstream(dst: Path) -> Path:
-    shutil.copytree(UPSTREAM, dst, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"))
-    return dst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(py, root: Path, config: str, nproc: int, timeout: int, script=("train_v2.py",)):

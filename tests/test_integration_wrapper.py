@@ -3,25 +3,18 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, needs_upstream
 
 from otface_plugin.arcface_torch import installer, train_wrapper
 
-REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = os.environ.get("ARCFACE_TORCH_DIR")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(not UPSTREAM, reason="set ARCFACE_TORCH_DIR to a pristine arcface_torch checkout"),
-]
+pytestmark = [pytest.mark.upstream, needs_upstream]
 
 
 @pytest.fixture
-def checkout(tmp_path):
-    dst = tmp_path / "arcface_torch"
-    shutil.copytree(UPSTREAM, dst, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"))
-    return dst
+def checkout(upstream_checkout):
+    return upstream_checkout
 
 
 def snapshot(root):

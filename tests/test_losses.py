@@ -2,16 +2,15 @@
 and the OTFace loss."""
 import importlib.util
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NO_UPSTREAM, UPSTREAM
 import torch
 import torch.nn.functional as F
 
 from otface_plugin.features import FeatureCapture
-from otface_plugin.losses import MarginSoftmaxLoss, OTFaceLoss, OTFaceTerm, margin_logits
+from otface_plugin.losses import OTFaceLoss, OTFaceTerm, margin_logits
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "sphereface-like": (1.35, 0.0, 0.0),
            "combined": (1.0, 0.3, 0.2)}
@@ -69,10 +68,9 @@ def test_interclass_filtering_zeroes_non_target_cosines():
 
 
 def _recipe_losses_module():
-    root = os.environ.get("ARCFACE_TORCH_DIR")
-    if not root:
-        pytest.skip("ARCFACE_TORCH_DIR is not set: no arcface_torch checkout to compare with")
-    spec = importlib.util.spec_from_file_location("recipe_losses", Path(root) / "losses.py")
+    if UPSTREAM is None:
+        pytest.skip(NO_UPSTREAM)
+    spec = importlib.util.spec_from_file_location("recipe_losses", UPSTREAM / "losses.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -270,6 +272,16 @@ def check(root: Path) -> Tuple[str, List[FileState]]:
     if kinds == {PRISTINE}:
         return "not installed", states
     return "partially installed", states
+
+
+def copy_checkout(src: Path, dst: Path) -> Path:
+    """Copy a checkout to ``dst`` for patching, writable by its owner even when ``src`` is a
+    read-only (shared, or CI-laid) tree: copytree keeps the source's modes."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "work_dirs", ".git"))
+    for p in [dst, *Path(dst).rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | stat.S_IWUSR | (stat.S_IXUSR if p.is_dir() else 0))
+    return Path(dst)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -85,7 +85,7 @@ def prepare_checkout(work: Path, upstream: Optional[str] = None) -> Path:
     tmp = work / "arcface_torch.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", "work_dirs", ".git"))
+    installer.copy_checkout(src, tmp)
     installer.install(tmp)
     os.replace(tmp, root)
     return root
