@@ -191,9 +191,8 @@ def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False
             except FileExistsError:  # an ancestor is a file
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory (a file is in the "
                                          "way)", str(f.parent)) from None
-            tmp = _sibling(f, _TEMP)
+            temps[f] = tmp = _sibling(f, _TEMP)  # registered first: an interrupt may come
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
-            temps[f] = tmp
         yield temps
         _commit(temps)
     finally:
