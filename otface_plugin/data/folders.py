@@ -64,7 +64,8 @@ def scan_identity_folders(root: os.PathLike, identities: Optional[Iterable[str]]
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if identities is not None:
         wanted = list(dict.fromkeys(identities))
-        missing = [n for n in wanted if n not in set(names)]
+        present = set(names)
+        missing = [n for n in wanted if n not in present]
         if missing:
             hidden = " (folders whose names start with '.' are not identities)" if any(
                 n.startswith(".") for n in missing) else ""

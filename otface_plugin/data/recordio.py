@@ -507,6 +507,7 @@ class MXIndexedRecordIO(MXRecordIO):
 
     def __setstate__(self, d: dict) -> None:
         self.idx, self.keys, self.fidx = {}, [], None
+        self._offsets = np.zeros(0, dtype=np.int64)
         super().__setstate__(d)  # re-reads the .idx when it reopens
 
     def _offset(self, idx: Any) -> int:
