@@ -136,7 +136,7 @@ def _os_error(e: OSError) -> str:
     if e.filename2 is not None:
         what += f" (-> {e.filename2})"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        what += "; the target must be writable (nothing was changed)"
+        what += " (no output was changed)"
     return what
 
 
