@@ -216,6 +216,11 @@ def test_label_scan_skips_records_that_are_not_images(tmp_path):
     w.close()
     with pytest.raises(RecordIOError, match=r"t\.rec: record 4: .*too short"):
         IdentityIndex.from_rec(rec, cache=False)
-    idx.write_text("\n".join(idx.read_text().splitlines()[:4]) + "\n")
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines[:4]) + "\n")
+    with pytest.raises(RecordIOError, match=r"t\.idx: the last indexed record \(3, line 4\).*no entry"):
+        IdentityIndex.from_rec(rec, cache=False)  # an .idx that does not cover the .rec
+    with open(rec, "r+b") as f:
+        f.truncate(int(lines[4].split("\t")[1]))  # drop record 4 itself
     index = IdentityIndex.from_rec(rec, cache=False)
     assert as_sets(index) == {2: [0, 2], 5: [3]} and index.num_positions == 4

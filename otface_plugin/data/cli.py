@@ -3,9 +3,12 @@ one folder per identity, inspect them, and make identity-disjoint splits. No mxn
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,7 +32,9 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="img_fmt", choices=(".jpg", ".png"), default=".jpg")
     p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
     p.add_argument("--identities-from", metavar="LIST",
-                   help="only these identity folders (one name per line, e.g. from `split`)")
+                   help="only these identity folders: one name per line, e.g. from `split` "
+                        "(surrounding spaces are trimmed and '#' starts a comment line unless the "
+                        "line is a JSON string such as \"trail \"; see docs/data.md)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -45,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    "path ending in '/' -> DIR/train.rec, DIR/train.idx, DIR/property")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and list) unreadable images and empty identity folders")
+    p.add_argument("--recursive", action="store_true",
+                   help="include images in sub-folders of each identity folder (default: they "
+                        "are left out, with a warning saying how many)")
     _add_image_options(p)
 
     p = sub.add_parser("build-bin", help="identity folders -> verification .bin (LFW-style)")
@@ -78,7 +86,8 @@ def _run(args) -> int:
         r = build_rec(args.image_dir, args.out_prefix, workers=args.workers,
                       resize=args.resize or None, resize_mode=args.resize_mode,
                       skip_bad=args.skip_bad, quality=args.quality, img_fmt=args.img_fmt,
-                      identities=_identities(args), overwrite=args.force, progress=progress)
+                      identities=_identities(args), overwrite=args.force, progress=progress,
+                      recursive=args.recursive)
         for path, why in r.skipped:
             print(f"skipped {path}: {why}", file=sys.stderr)
         print(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
@@ -101,30 +110,64 @@ def _run(args) -> int:
         s = inspect_rec(args.rec, verify=args.verify, cache=not args.no_cache)
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
     elif args.cmd == "split":
-        from otface_plugin.data.folders import scan_identity_folders, split_identities
+        from otface_plugin.data.atomic import atomic_outputs
+        from otface_plugin.data.folders import (format_identity_list, scan_identity_folders,
+                                                split_identities)
 
         names = [f.name for f in scan_identity_folders(args.image_dir, skip_empty=True)]
         train, hold = split_identities(names, args.holdout_fraction, args.seed)
-        for path, items in ((args.train_list, train), (args.holdout_list, hold)):
-            Path(path).write_text("".join(n + "\n" for n in items), encoding="utf-8")
+        lists = {Path(args.train_list): train, Path(args.holdout_list): hold}
+        if Path(args.train_list).resolve() == Path(args.holdout_list).resolve():
+            raise ValueError("--train-list and --holdout-list are the same file")
+        with atomic_outputs(list(lists), overwrite=True) as tmp:  # both lists or neither
+            for path, items in lists.items():
+                tmp[path].write_text(format_identity_list(items), encoding="utf-8",
+                                     errors="surrogateescape")
         print(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
               f"{args.holdout_list}")
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: the path and the reason, without the errno noise."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    what = f"{e.filename}: {e.strerror}"
+    if e.filename2 is not None:
+        what += f" (-> {e.filename2})"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what += " (no output was changed)"
+    return what
+
+
+def _interrupt(signum, frame):
+    # SIGTERM like Ctrl-C: unwind through the builders' cleanup instead of dying mid-write
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return _run(args)
     except (RecordIOError, DatasetLayoutError, FileExistsError, FileNotFoundError,
             ValueError) as e:
-        print(f"otface-data {args.cmd}: error: {e}", file=sys.stderr)
+        msg = _os_error(e) if isinstance(e, OSError) else str(e)
+        print(f"otface-data {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, read-only or full disk, a file where a folder should be
+        print(f"otface-data {args.cmd}: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"otface-data {args.cmd}: interrupted; no output written", file=sys.stderr)
+        print(f"otface-data {args.cmd}: interrupted; outputs are as before the run (or complete, "
+              f"when the interrupt came after they were written)", file=sys.stderr)
         return 130
+    finally:
+        if main_thread and old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 
 from otface_plugin.data.errors import ImageDecodeError, RecordIOError
 from otface_plugin.data.imagecodec import decode_image
+from otface_plugin.data.layout import check_label, class_bound, dataset_record_ids, header_range
 from otface_plugin.data.recordio import MXIndexedRecordIO, unpack
 
 __all__ = ["RecordFaceDataset", "read_image_record"]
@@ -29,7 +30,7 @@ def read_image_record(reader: MXIndexedRecordIO, key: int) -> Tuple[float, np.nd
     label = header.label
     if not isinstance(label, numbers.Number):
         label = label[0]
-    return float(label), img
+    return float(label), img  # a missing key raised MissingRecordError naming the .idx
 
 
 class RecordFaceDataset:
@@ -38,19 +39,24 @@ class RecordFaceDataset:
     Dataset position ``i`` reads record ``imgidx[i]`` exactly like ``MXFaceDataset``, so a
     :class:`~otface_plugin.data.PKSampler` built on the same file yields valid indices. Training
     transform as upstream: random horizontal flip, then ``(x / 255 - 0.5) / 0.5``.
+
+    Unlike ``MXFaceDataset`` it refuses, with errors naming the file and the record: an ``.idx``
+    that does not cover the ``.rec`` or lacks records of ``imgidx`` (checked on open), and a
+    label that is not a class id in ``[0, num_classes)`` (checked per item), ``num_classes``
+    being the header's identity count or the ``property`` file's, whichever is smaller.
     """
 
     def __init__(self, root_dir: str, train: bool = True,
                  transform: Optional[Callable] = None):
         self.root_dir = root_dir
-        self.reader = MXIndexedRecordIO(os.path.join(root_dir, "train.idx"),
-                                        os.path.join(root_dir, "train.rec"), "r")
-        header, _ = unpack(self.reader.read_idx(0))
-        if header.flag > 0:
-            self.header0 = (int(header.label[0]), int(header.label[1]))
-            self.imgidx = np.arange(1, int(header.label[0]), dtype=np.int64)
-        else:
-            self.imgidx = np.asarray(self.reader.keys, dtype=np.int64)
+        rec = os.path.join(root_dir, "train.rec")
+        self.reader = MXIndexedRecordIO(os.path.join(root_dir, "train.idx"), rec, "r")
+        self.reader.check_coverage()
+        head = header_range(self.reader)
+        if head is not None:
+            self.header0 = head
+        self.imgidx = dataset_record_ids(self.reader, head)
+        self.bound = class_bound(rec, head)
         self.train = train
         self.transform = transform
 
@@ -60,7 +66,9 @@ class RecordFaceDataset:
     def __getitem__(self, index: int):
         import torch
 
-        label, img = read_image_record(self.reader, int(self.imgidx[index]))
+        key = int(self.imgidx[index])
+        label, img = read_image_record(self.reader, key)
+        label = check_label(label, self.bound, self.reader.uri, key, index)
         if self.transform is not None:
             return self.transform(img), torch.tensor(label, dtype=torch.long)
         # torch's RNG, like torchvision's flip, so the recipe's worker_init_fn seeds it

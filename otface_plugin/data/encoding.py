@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,13 @@ def _encode_one(path: Path, size: Optional[int], mode: str, quality: int, img_fm
         return path, msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg, None
 
 
+def _worker_signals() -> None:
+    """Workers leave SIGINT/SIGTERM to the parent, which stops the pool and cleans up (they
+    inherit the CLI's SIGTERM handler through fork otherwise)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def encode_files(paths: Sequence[Path], *, size: Optional[int] = 112, mode: str = "crop",
                  quality: int = 95, img_fmt: str = ".jpg", workers: int = 1
                  ) -> Iterator[Result]:
@@ -39,7 +47,7 @@ def encode_files(paths: Sequence[Path], *, size: Optional[int] = 112, mode: str 
         return
     # fork keeps start-up cheap on Linux; spawn elsewhere (macOS/Windows defaults)
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else None)
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_worker_signals) as pool:
         yield from pool.imap(fn, paths, chunksize=max(1, min(64, len(paths) // (workers * 8))))
 
 

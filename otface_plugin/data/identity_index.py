@@ -37,7 +37,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from otface_plugin.data.errors import RecordIOError
-from otface_plugin.data.recordio import MAGIC, _key_str, _parse_idx, _RecordFile, unpack
+from otface_plugin.data.layout import FLOAT32_EXACT, parse_header
+from otface_plugin.data.recordio import (MAGIC, _parse_idx, _RecordFile, check_coverage,
+                                         check_offsets, unpack)
 
 __all__ = ["IdentityIndex", "default_cache_dir"]
 
@@ -45,7 +47,6 @@ log = logging.getLogger(__name__)
 
 CACHE_SUFFIX = ".otface-idx.npz"
 _CACHE_VERSION = 1
-_FLOAT32_EXACT = 1 << 24
 PathLike = Union[str, os.PathLike]
 
 
@@ -253,13 +254,7 @@ class _Builder:
         self.check_samples = check_samples
         self.keys, self.pos = _parse_idx(idx, int)  # parsed once, used for every lookup
         self.size = os.path.getsize(rec)
-        past = np.flatnonzero(self.pos >= self.size)
-        if len(past):
-            i = int(past[0])
-            raise RecordIOError(
-                f"{idx}: record {_key_str(self.keys[i])} (line {i + 1}) points to byte "
-                f"{int(self.pos[i])}, past the end of {rec} ({self.size} bytes; {len(past)} "
-                f"entries do): the .rec is truncated or the .idx belongs to another file")
+        check_offsets(idx, rec, self.keys, self.pos, self.size)
         self.mm = np.memmap(rec, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
         n = len(self.keys)
         # Lookup state, computed once: _read() runs per record in the slow paths.
@@ -275,11 +270,15 @@ class _Builder:
 
     # -- entry
     def build(self, use_header: bool) -> IdentityIndex:
+        if self._file is None:
+            self._file = _RecordFile(self.rec)
+        check_coverage(self._file, self.idx, self.keys, self.pos)
         head0 = unpack(self._read(0))[0] if bool(np.any(self.keys == 0)) else None
-        if head0 is not None and head0.flag > 0:
-            first, end = int(head0.label[0]), int(head0.label[1])
+        rng = None if head0 is None else parse_header(head0, self.rec)
+        if rng is not None:
+            first, end = rng
             num_pos = max(first - 1, 0)  # MXFaceDataset: imgidx = range(1, first)
-            if use_header and max(first, end) < _FLOAT32_EXACT:
+            if use_header and max(first, end) < FLOAT32_EXACT:
                 index = self._from_header(first, end, num_pos)
                 if index is not None:
                     return index

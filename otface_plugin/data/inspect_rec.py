@@ -9,6 +9,7 @@ import numpy as np
 from otface_plugin.data.dataset import read_image_record
 from otface_plugin.data.encoding import progress_bar
 from otface_plugin.data.identity_index import IdentityIndex
+from otface_plugin.data.layout import check_label, class_bound, dataset_record_ids, header_range
 from otface_plugin.data.recordio import MXIndexedRecordIO, unpack
 
 __all__ = ["inspect_rec", "format_summary"]
@@ -22,7 +23,10 @@ def _resolve(path: str):
 
 def inspect_rec(path: os.PathLike, *, verify: bool = False, cache: bool = True,
                 progress: Optional[bool] = None) -> Dict[str, Any]:
-    """Summary dict; ``verify`` decodes every image (errors name the record)."""
+    """Summary dict. Labels are checked against the class count (header, ``property``):
+    the identity labels of the index always, every record's label with ``verify``, which also
+    decodes every record the recipe's dataset reads and checks that the ``.idx`` indexes every
+    record of the ``.rec``. Errors name the file and the first bad record."""
     rec, idx = _resolve(os.fspath(path))
     reader = MXIndexedRecordIO(idx, rec, "r")
     try:
@@ -35,10 +39,16 @@ def inspect_rec(path: os.PathLike, *, verify: bool = False, cache: bool = True,
         else:
             out["header"] = None
         index = IdentityIndex.from_rec(rec, idx, cache=cache)
+        head = header_range(reader)
+        bound = class_bound(rec, head)
+        out["num_classes"] = {"value": bound.num_classes, "source": bound.source}
         counts = index.counts
         out.update(identities=index.num_identities, images=index.num_images,
                    dataset_positions=index.num_positions, index_source=index.source)
         if index.num_identities:
+            c = int(np.argmax(index.identity_labels))
+            key = int(index.record_ids(index.positions(c)[:1])[0])
+            check_label(float(index.identity_labels[c]), bound, rec, key)
             out["label_range"] = [int(index.identity_labels.min()),
                                   int(index.identity_labels.max())]
             out["images_per_identity"] = {"min": int(counts.min()),
@@ -49,10 +59,12 @@ def inspect_rec(path: os.PathLike, *, verify: bool = False, cache: bool = True,
             _, img = read_image_record(reader, first)
             out["image_size"] = [int(img.shape[1]), int(img.shape[0]), int(img.shape[2])]
         if verify:
-            keys = index.record_ids(index.gather(np.arange(index.num_images)))
+            out["records_in_rec"] = reader.check_coverage(full=True)
+            keys = dataset_record_ids(reader, head)
             bar = progress_bar(len(keys), "verify", progress)
-            for k in keys.tolist():
-                read_image_record(reader, k)
+            for i, k in enumerate(keys.tolist()):
+                label, _ = read_image_record(reader, k)
+                check_label(label, bound, rec, k, i)
                 bar.update(1)
             bar.close()
             out["verified"] = int(len(keys))
@@ -77,7 +89,12 @@ def format_summary(s: Dict[str, Any]) -> str:
     if "image_size" in s:
         w, h_, c = s["image_size"]
         lines.append(f"image size:  {w}x{h_}x{c} (first image)")
+    nc = s.get("num_classes")
+    if nc:
+        lines.append(f"classes:     {nc['value']:,} ({nc['source']})" if nc["value"] is not None
+                     else f"classes:     unknown ({nc['source']})")
     if "verified" in s:
-        lines.append(f"verified:    {s['verified']:,} images decode")
+        lines.append(f"verified:    {s['verified']:,} images decode, labels in range; the .idx "
+                     f"indexes all {s['records_in_rec']:,} records")
     lines.append(f"index:       {s['index_source']}")
     return "\n".join(lines)

@@ -40,7 +40,10 @@ __all__ = [
     "IRHeader",
     "MXIndexedRecordIO",
     "MXRecordIO",
+    "MissingRecordError",
     "RecordIOError",
+    "check_coverage",
+    "check_offsets",
     "frame_record",
     "pack",
     "pack_img",
@@ -302,6 +305,16 @@ class _IndexMap(Mapping):
     def __getitem__(self, key: Any) -> int:
         return int(self._pos[self._find(key)])
 
+    def missing(self, keys: np.ndarray) -> np.ndarray:
+        """The entries of int array ``keys`` that are not keys here (vectorised)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._base is not None:
+            return keys[(keys < self._base) | (keys >= self._base + len(self._keys))]
+        j = np.clip(np.searchsorted(self._sorted, keys), 0, max(len(self._sorted) - 1, 0))
+        if not len(self._sorted):
+            return keys
+        return keys[self._sorted[j] != keys]
+
     def __contains__(self, key: object) -> bool:
         try:
             self._find(key)
@@ -359,6 +372,84 @@ def _parse_idx(path: str, key_type: type) -> Tuple[Any, Any]:
     return keys, pos
 
 
+class MissingRecordError(RecordIOError, KeyError):
+    """A key the ``.idx`` does not have: a ``KeyError`` (mxnet raises one) and a
+    :class:`RecordIOError` whose message names the files."""
+
+    __str__ = Exception.__str__  # KeyError would print the message in quotes
+
+
+def check_offsets(idx_path: str, uri: str, keys: Any, pos: np.ndarray, size: int) -> None:
+    """Every ``.idx`` offset must lie inside the ``.rec`` (``size`` bytes)."""
+    bad = np.flatnonzero((pos < 0) | (pos >= size))
+    if len(bad):
+        i = int(bad[0])
+        where = "before the start" if pos[i] < 0 else "past the end"
+        raise RecordIOError(
+            f"{idx_path}: record {_key_str(keys[i])} (line {i + 1}) points to byte {int(pos[i])}, "
+            f"{where} of {uri} ({size} bytes; {len(bad)} of {len(pos)} entries are outside it): "
+            f"the .rec is truncated or the .idx belongs to another file")
+
+
+def _record_starts(f: "_RecordFile") -> np.ndarray:
+    """Byte offsets of every record in the file, from the framing alone (one pass)."""
+    starts, pos = [], 0
+    while pos < f.size:
+        head = _pread(f.fd, 8, pos, f._lock)
+        if len(head) < 8:
+            raise RecordIOError(f"{f.path}: truncated file: {len(head)} bytes at byte {pos} are "
+                                f"not a record header")
+        magic, lrec = _HEAD.unpack(head)
+        if magic != MAGIC:
+            raise RecordIOError(f"{f.path}: bad magic 0x{magic:08x} at byte {pos}, where the "
+                                f"previous record ends")
+        if lrec >> _LEN_BITS in (0, 1):
+            starts.append(pos)
+        pos += 8 + (((lrec & _LEN_MASK) + 3) & ~3)
+    if pos > f.size:
+        raise RecordIOError(f"{f.path}: truncated file: the last record ends at byte {pos}, the "
+                            f"file has {f.size} bytes")
+    return np.asarray(starts, dtype=np.int64)
+
+
+def check_coverage(f: "_RecordFile", idx_path: str, keys: Any, pos: np.ndarray,
+                   full: bool = False) -> int:
+    """The ``.idx`` must index every record of the ``.rec`` (an ``.idx`` cut short by a killed
+    writer, or written for a shorter file, leaves records nobody can read).
+
+    Cheap check (one read): a non-empty ``.rec`` has entries, and the record at the highest
+    offset ends at the end of the file. ``full`` walks the framing of the whole file and also
+    finds records missing from the middle. Returns the number of records checked."""
+    if not len(pos):
+        if f.size:
+            raise RecordIOError(f"{idx_path}: no entries, but {f.path} holds {f.size} bytes of "
+                                f"records: the .idx is empty or truncated; rebuild it")
+        return 0
+    if full:
+        starts = _record_starts(f)
+        extra = np.setdiff1d(np.unique(pos), starts)
+        if len(extra):
+            i = int(np.flatnonzero(pos == extra[0])[0])
+            raise RecordIOError(f"{idx_path}: record {_key_str(keys[i])} (line {i + 1}) points to "
+                                f"byte {int(extra[0])}, which is not a record start in {f.path}")
+        unindexed = np.setdiff1d(starts, pos)
+        if len(unindexed):
+            raise RecordIOError(
+                f"{idx_path}: the record at byte {int(unindexed[0])} of {f.path} has no entry "
+                f"({len(unindexed)} of {len(starts)} records have none): the .idx is truncated or "
+                f"belongs to another file")
+        return len(starts)
+    i = int(np.argmax(pos))
+    got = f.read_at(int(pos[i]), f"record {_key_str(keys[i])} (line {i + 1} of {idx_path})")
+    end = got[1] if got is not None else int(pos[i])
+    if end != f.size:
+        raise RecordIOError(
+            f"{idx_path}: the last indexed record ({_key_str(keys[i])}, line {i + 1}) ends at byte "
+            f"{end} but {f.path} has {f.size} bytes: records after it have no entry (the .idx is "
+            f"truncated or belongs to another file)")
+    return len(pos)
+
+
 class MXIndexedRecordIO(MXRecordIO):
     """Random-access reader/writer over ``.rec`` + ``.idx`` (``read_idx``/``write_idx``)."""
 
@@ -369,6 +460,7 @@ class MXIndexedRecordIO(MXRecordIO):
         self.idx: Mapping = {}
         self.keys: Any = []
         self.fidx = None
+        self._offsets = np.zeros(0, dtype=np.int64)
         super().__init__(uri, flag)
 
     def open(self) -> None:
@@ -380,17 +472,24 @@ class MXIndexedRecordIO(MXRecordIO):
         keys, pos = _parse_idx(self.idx_path, self.key_type)
         if isinstance(keys, np.ndarray):
             self.idx, self.keys = _IndexMap(keys, pos), keys
-            bad = np.flatnonzero(pos >= self._reader.size)
         else:
             self.idx, self.keys = dict(zip(keys, pos)), keys
-            bad = [i for i, p in enumerate(pos) if p >= self._reader.size]
-        if len(bad):
-            i = int(bad[0])
-            raise RecordIOError(
-                f"{self.idx_path}: record {_key_str(keys[i])} (line {i + 1}) points to byte "
-                f"{int(pos[i])}, past the end of {self.uri} ({self._reader.size} bytes; "
-                f"{len(bad)} of {len(pos)} entries do): the .rec is truncated or the .idx "
-                f"belongs to another file")
+        self._offsets = np.asarray(pos, dtype=np.int64)  # every line, duplicates included
+        check_offsets(self.idx_path, self.uri, keys, self._offsets, self._reader.size)
+
+    def missing_keys(self, keys: np.ndarray) -> np.ndarray:
+        """The int ``keys`` that have no ``.idx`` entry."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if isinstance(self.idx, _IndexMap):
+            return self.idx.missing(keys)
+        return np.asarray([k for k in keys.tolist() if k not in self.idx], dtype=np.int64)
+
+    def check_coverage(self, full: bool = False) -> int:
+        """Check that the ``.idx`` indexes the whole ``.rec`` (see :func:`check_coverage`);
+        returns the number of records in the ``.rec`` when ``full``, else of ``.idx`` entries."""
+        assert not self.writable
+        self._check_open()
+        return check_coverage(self._reader, self.idx_path, self.keys, self._offsets, full)
 
     def close(self) -> None:
         if not getattr(self, "is_open", False):
@@ -402,19 +501,27 @@ class MXIndexedRecordIO(MXRecordIO):
 
     def __getstate__(self) -> dict:
         d = super().__getstate__()
-        for k in ("idx", "keys", "fidx"):
+        for k in ("idx", "keys", "fidx", "_offsets"):
             d.pop(k, None)
         return d
 
     def __setstate__(self, d: dict) -> None:
         self.idx, self.keys, self.fidx = {}, [], None
+        self._offsets = np.zeros(0, dtype=np.int64)
         super().__setstate__(d)  # re-reads the .idx when it reopens
+
+    def _offset(self, idx: Any) -> int:
+        try:
+            return self.idx[idx]
+        except KeyError:
+            raise MissingRecordError(f"{self.idx_path}: no record {_key_str(idx)} in the index "
+                                     f"of {self.uri}") from None
 
     def seek(self, idx: Any) -> None:
         """Moves the sequential read position to record ``idx``."""
         assert not self.writable
         self._check_open()
-        self._pos = self.idx[idx]
+        self._pos = self._offset(idx)
 
     def tell(self) -> int:
         """Byte offset where the next record will be written."""
@@ -422,10 +529,11 @@ class MXIndexedRecordIO(MXRecordIO):
         return self._writer.tell()
 
     def read_idx(self, idx: Any) -> bytes:
-        """Returns the record with key ``idx`` (KeyError for an unknown key, as mxnet)."""
+        """Returns the record with key ``idx``; an unknown key raises
+        :class:`MissingRecordError`, a ``KeyError`` as in mxnet that names the files."""
         assert not self.writable, f"{self.uri} is opened for writing"
         self._check_open()
-        pos = self.idx[idx]
+        pos = self._offset(idx)
         got = self._reader.read_at(pos, f"record {_key_str(idx)} "
                                         f"(from {os.path.basename(self.idx_path)})")
         if got is None:
