@@ -1,0 +1,246 @@
+"""The registered margin heads against reference implementations written here from the papers'
+formulas, following the authors' public code conventions (clamps, eps, when the running
+statistics move, what is detached): mk-minchul/AdaFace head.py, HuangYG123/CurricularFace
+head/metrics.py, fdbtrs/ElasticFace utils/losses.py. The references use the authors' layout
+(kernel (D, C), normalised by columns, in-place edits) so they are an independent check of the
+plugin's out-of-place formulation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from otface_plugin import build_loss
+from otface_plugin.losses import HEADS, build_margin, heads_table
+
+C, D, B = 12, 16, 24
+
+
+def unit_cols(k):
+    return k / torch.norm(k, 2, 0, True)
+
+
+def unit_rows(x):
+    return x / torch.norm(x, 2, 1, True)
+
+
+class RefAdaFace:
+    """AdaFace (Kim et al. 2022), the authors' conventions."""
+
+    def __init__(self, kernel, m=0.4, h=0.333, s=64.0, t_alpha=0.01):
+        self.kernel, self.m, self.h, self.s, self.t_alpha, self.eps = kernel, m, h, s, t_alpha, 1e-3
+        self.batch_mean, self.batch_std = torch.ones(1) * 20, torch.ones(1) * 100
+
+    def __call__(self, emb, norms, label):
+        cosine = torch.mm(emb, unit_cols(self.kernel)).clamp(-1 + self.eps, 1 - self.eps)
+        safe = torch.clip(norms, min=0.001, max=100).clone().detach()
+        with torch.no_grad():
+            self.batch_mean = safe.mean() * self.t_alpha + (1 - self.t_alpha) * self.batch_mean
+            self.batch_std = safe.std() * self.t_alpha + (1 - self.t_alpha) * self.batch_std
+        scaler = torch.clip((safe - self.batch_mean) / (self.batch_std + self.eps) * self.h, -1, 1)
+        onehot = torch.zeros_like(cosine).scatter_(1, label.view(-1, 1), 1.0)
+        theta = torch.clip(cosine.acos() + onehot * (-self.m * scaler), min=self.eps, max=math.pi - self.eps)
+        return (theta.cos() - onehot * (self.m + self.m * scaler)) * self.s
+
+
+class RefCurricularFace:
+    """CurricularFace (Huang et al. 2020), the authors' conventions."""
+
+    def __init__(self, kernel, m=0.5, s=64.0):
+        self.kernel, self.m, self.s, self.t = kernel, m, s, torch.zeros(1)
+        self.cos_m, self.sin_m = math.cos(m), math.sin(m)
+        self.threshold, self.mm = math.cos(math.pi - m), math.sin(math.pi - m) * m
+
+    def __call__(self, emb, label):
+        cos = torch.mm(unit_rows(emb), unit_cols(self.kernel)).clamp(-1, 1)
+        target = cos[torch.arange(cos.shape[0]), label].view(-1, 1)
+        cos_m = target * self.cos_m - torch.sqrt(1.0 - target ** 2) * self.sin_m
+        mask = cos > cos_m
+        final = torch.where(target > self.threshold, cos_m, target - self.mm)
+        hard = cos[mask]
+        with torch.no_grad():
+            self.t = target.mean() * 0.01 + 0.99 * self.t
+        cos[mask] = hard * (self.t + hard)
+        cos.scatter_(1, label.view(-1, 1), final)
+        return cos * self.s
+
+
+class RefElastic:
+    """ElasticFace-Arc / -Cos (Boutros et al. 2022), the authors' conventions."""
+
+    def __init__(self, kernel, arc, m, std, plus, s=64.0):
+        self.kernel, self.arc, self.m, self.std, self.plus, self.s = kernel, arc, m, std, plus, s
+
+    def __call__(self, emb, label):
+        cos = torch.mm(unit_rows(emb), unit_cols(self.kernel)).clamp(-1, 1)
+        index = torch.where(label != -1)[0]
+        m_hot = torch.zeros(index.size(0), cos.size(1))
+        margin = torch.normal(mean=self.m, std=self.std, size=label[index, None].size())
+        if self.plus:
+            with torch.no_grad():
+                _, order = torch.sort(cos[index, label.view(-1)].detach().clone(), dim=0, descending=True)
+                margin, _ = torch.sort(margin, dim=0)
+            m_hot.scatter_(1, label[index, None], margin[order])
+        else:
+            m_hot.scatter_(1, label[index, None], margin)
+        if self.arc:
+            cos.acos_()
+            cos[index] += m_hot
+            return cos.cos_().mul_(self.s)
+        cos[index] -= m_hot
+        return cos * self.s
+
+
+def batch(step, spread=True):
+    """Embeddings near their class centres with varied norms (AdaFace needs a spread of norms)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    centres = torch.randn(C, D, generator=torch.Generator().manual_seed(7))
+    labels = torch.randint(0, C, (B,), generator=g)
+    x = unit_rows(centres[labels]) + 0.8 * torch.randn(B, D, generator=g)
+    scale = torch.empty(B, 1).uniform_(2, 40, generator=g) if spread else torch.ones(B, 1)
+    return unit_rows(x) * scale, labels
+
+
+def ours_vs_ref(name, make_ref, steps=5, options=None, seeded=False):
+    """Run the plugin's head and the reference on the same centres, inputs and (initial) running
+    state for several steps; compare loss and both gradients at every step."""
+    ours = build_loss(name, num_classes=C, embedding_size=D, **(options or {}))
+    kernel = ours.weight.detach().t().clone().requires_grad_(True)  # authors' (D, C) layout
+    ref = make_ref(kernel)
+    for step in range(steps):
+        x, y = batch(step)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ours.zero_grad()
+        kernel.grad = None
+        if seeded:
+            torch.manual_seed(step)
+        loss = ours(x1, y)
+        loss.backward()
+        if seeded:
+            torch.manual_seed(step)
+        if isinstance(ref, RefAdaFace):
+            norms = torch.norm(x2, 2, 1, True)
+            logits = ref(x2 / norms, norms, y)
+        else:
+            logits = ref(x2, y)
+        ref_loss = F.cross_entropy(logits, y)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, msg=f"{name} loss, step {step}")
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5, msg=f"{name} input grad, step {step}")
+        torch.testing.assert_close(ours.weight.grad, kernel.grad.t(), rtol=1e-5, atol=1e-5,
+                                   msg=f"{name} weight grad, step {step}")
+    return ours, ref
+
+
+@pytest.mark.parametrize("t_alpha", [0.01, 0.5])
+def test_adaface_equals_reference_over_steps(t_alpha):
+    ours, ref = ours_vs_ref("adaface", lambda k: RefAdaFace(k, t_alpha=t_alpha), options={"t_alpha": t_alpha})
+    torch.testing.assert_close(ours.margin.batch_mean, ref.batch_mean.view(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.margin.batch_std, ref.batch_std.view(1), rtol=1e-6, atol=1e-6)
+    if t_alpha == 0.5:  # the statistics really moved, and the margin really varies per sample
+        assert float(ours.margin.batch_std) < 50  # norms spread over [2, 40]: std ~11, from 100
+
+
+def test_curricularface_equals_reference_over_steps():
+    ours, ref = ours_vs_ref("curricularface", RefCurricularFace)
+    assert float(ours.margin.t) != 0
+    torch.testing.assert_close(ours.margin.t, ref.t.view(1), rtol=1e-6, atol=1e-7)
+
+
+def test_curricularface_reference_has_hard_negatives():
+    """The comparison above means something only if some negatives are modulated."""
+    x, y = batch(0)
+    ours = build_loss("curricularface", num_classes=C, embedding_size=D)
+    cos = F.linear(F.normalize(x), F.normalize(ours.weight)).detach()
+    target = cos[torch.arange(B), y]
+    cos_m = torch.cos(torch.acos(target) + 0.5)
+    hard = (cos > cos_m[:, None]).sum() - (target > cos_m).sum()
+    assert hard > 0
+
+
+@pytest.mark.parametrize("name,arc,m", [("elasticface_arc", True, 0.5), ("elasticface_cos", False, 0.35)])
+@pytest.mark.parametrize("plus", [False, True])
+def test_elasticface_equals_reference_with_the_same_draws(name, arc, m, plus):
+    ours_vs_ref(name, lambda k: RefElastic(k, arc, m, 0.05, plus), options={"plus": plus}, seeded=True)
+
+
+@pytest.mark.parametrize("name,m", [("elasticface_arc", 0.5), ("elasticface_cos", 0.35)])
+def test_elasticface_margins_follow_the_normal(name, m):
+    head = build_margin(name, std=0.05)
+    labels = torch.arange(20000) % C
+    cosine = torch.rand(20000, C) * 2 - 1
+    _, rows, cols = head.targets(labels)
+    drawn = head.margins(cosine, rows, cols)
+    assert abs(float(drawn.mean()) - m) < 0.002 and abs(float(drawn.std()) - 0.05) < 0.002
+
+
+def test_elasticface_plus_gives_sorted_margins_in_the_authors_order():
+    head = build_margin("elasticface_arc", plus=True)
+    cosine = torch.rand(B, C) * 2 - 1
+    labels = torch.randint(0, C, (B,))
+    _, rows, cols = head.targets(labels)
+    torch.manual_seed(3)
+    got = head.margins(cosine, rows, cols)
+    torch.manual_seed(3)
+    drawn = torch.normal(0.5, 0.05, size=(B, 1)).view(-1)
+    order = torch.sort(cosine[rows, cols], descending=True)[1]
+    torch.testing.assert_close(got, torch.sort(drawn)[0][order])
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_running_state_round_trips_through_the_state_dict(name):
+    a = build_loss(name, num_classes=C, embedding_size=D)
+    for step in range(3):
+        a(*batch(step)).backward()
+    b = build_loss(name, num_classes=C, embedding_size=D)
+    b.load_state_dict(a.state_dict())
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value)
+    torch.manual_seed(0)
+    la = a(*batch(9))
+    torch.manual_seed(0)
+    lb = b(*batch(9))
+    torch.testing.assert_close(la, lb)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_labels_minus_one_are_ignored(name):
+    x, y = batch(0)
+    y2 = y.clone()
+    y2[::3] = -1
+    loss = build_loss(name, num_classes=C, embedding_size=D)
+    assert torch.isfinite(loss(x, y2))
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("adaface", {"m": -0.1}, "adaface option m must be >= 0"),
+    ("adaface", {"t_alpha": 2}, "t_alpha"),
+    ("curricularface", {"s": 0}, "curricularface option s must be > 0"),
+    ("elasticface_arc", {"plus": "yes"}, "plus must be true or false"),
+    ("elasticface_cos", {"std": True}, "std must be a finite number"),
+])
+def test_bad_options_are_clear_errors(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_loss(name, num_classes=C, **options)
+
+
+def test_unknown_option_names_the_accepted_ones():
+    with pytest.raises(TypeError, match="accepted options: .*t_alpha"):
+        build_loss("adaface", num_classes=C, alpha=0.1)
+    with pytest.raises(TypeError, match="unknown option.*'curricularface'"):
+        build_margin("curricularface", std=0.1)
+
+
+def test_adaface_without_norms_is_a_clear_error():
+    head = build_margin("adaface")
+    with pytest.raises(ValueError, match="embedding norm"):
+        head(torch.zeros(4, C), torch.zeros(4, dtype=torch.long))
+
+
+def test_heads_table_lists_every_head_with_its_defaults():
+    table = heads_table()
+    for name in HEADS:
+        assert f"`{name}`" in table
+    assert "`t_alpha=0.01`" in table and "`std=0.05`" in table
