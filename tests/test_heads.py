@@ -244,3 +244,91 @@ def test_heads_table_lists_every_head_with_its_defaults():
     for name in HEADS:
         assert f"`{name}`" in table
     assert "`t_alpha=0.01`" in table and "`std=0.05`" in table
+
+
+# ----------------------------------------------------------------------------------------------
+# inside the recipe's PartialFC_V2 (upstream module, CPU-patched copy), 2 gloo ranks
+def _pfc_worker(rank, world, port, root, name, out):
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sys.path.insert(0, root)
+    from partial_fc_v2 import PartialFC_V2
+
+    from otface_plugin.arcface_torch.hooks import install_margin
+
+    classes, dim, local_batch = 40, 16, 4
+    torch.manual_seed(100 + rank)  # each rank samples its own negatives, as in training
+    pfc = PartialFC_V2(lambda logits, labels: logits, dim, classes, sample_rate=0.5)
+    install_margin(pfc, build_margin(name, **({"t_alpha": 0.5} if name == "adaface" else {})))
+    weight = torch.randn(classes, dim, generator=torch.Generator().manual_seed(5))
+    pfc.weight.data.copy_(weight[pfc.class_start:pfc.class_start + pfc.num_local])
+    standalone = build_loss(name, num_classes=classes, embedding_size=dim,
+                            **({"t_alpha": 0.5} if name == "adaface" else {}))
+    rows = slice(rank * local_batch, (rank + 1) * local_batch)
+    result = {"loss": [], "ref": [], "grad_diff": [], "sampled": []}
+    for step in range(4):
+        g = torch.Generator().manual_seed(50 + step)
+        labels = torch.randint(0, classes, (world * local_batch,), generator=g)
+        x = unit_rows(weight[labels] + torch.randn(world * local_batch, dim, generator=g))
+        x = x * torch.empty(world * local_batch, 1).uniform_(2, 40, generator=g)
+        local = x[rows].clone().requires_grad_(True)
+        loss = pfc(local, labels[rows].clone())
+        loss.backward()
+        # the sampled class centres of every rank, in rank order: PartialFC_V2's column order
+        index = pfc.class_start + pfc.weight_index
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([index.numel()]))
+        padded = torch.full((int(max(sizes)),), -1, dtype=torch.long)
+        padded[:index.numel()] = index
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        sampled = torch.cat([p[:int(n)] for p, n in zip(parts, sizes)])
+        # the standalone head on the gathered batch over those centres (no sampling of its own)
+        position = torch.full((classes,), -1, dtype=torch.long)
+        position[sampled] = torch.arange(sampled.numel())
+        standalone.weight = torch.nn.Parameter(weight[sampled].clone())
+        xr = x.clone().requires_grad_(True)
+        ref = standalone(xr, position[labels])
+        ref.backward()
+        result["loss"].append(float(loss.detach()))
+        result["ref"].append(float(ref.detach()))
+        # PartialFC_V2's all-gather scales the input gradient by the world size (DDP averages it)
+        result["grad_diff"].append(float((local.grad / world - xr.grad[rows]).abs().max()))
+        result["sampled"].append(sampled.numel())
+    result["state"] = {k: v.clone() for k, v in pfc.margin_softmax.state_dict().items()}
+    result["ref_state"] = {k: v.clone() for k, v in standalone.margin.state_dict().items()}
+    out[rank] = result
+    dist.destroy_process_group()
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adaface", "curricularface"])
+def test_partial_fc_v2_with_sampling_equals_the_standalone_head(name, tmp_path):
+    import torch.multiprocessing as mp
+
+    from conftest import copy_upstream, free_port
+    from otface_plugin.arcface_torch import installer
+
+    root = copy_upstream(tmp_path / "arcface_torch")
+    installer.install(root)  # the CPU fallback: upstream's PartialFC_V2 calls .cuda()
+    world = 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_pfc_worker, args=(world, free_port(), str(root), name, out), nprocs=world, join=True)
+        results = dict(out)
+    for rank in range(world):
+        r = results[rank]
+        assert all(n < 40 for n in r["sampled"]), r["sampled"]  # sampling really dropped classes
+        for step, (a, b) in enumerate(zip(r["loss"], r["ref"])):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-5), (rank, step, r["loss"], r["ref"])
+        assert max(r["grad_diff"]) < 1e-5, r["grad_diff"]
+        for key, value in r["state"].items():  # running state equal to the standalone's, on every rank
+            torch.testing.assert_close(value, r["ref_state"][key], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(value, results[0]["state"][key])
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"])

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.nn import functional as F
 
+from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
 from otface_plugin.mining import TRIPLET_MODES, mine_triplets
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
@@ -138,8 +139,8 @@ class OTFaceLoss(torch.nn.Module):
 
     The margin part is ``margin_loss(embeddings, labels)`` when a module is given (inside
     arcface_torch: its PartialFC_V2), else an own :class:`MarginSoftmaxLoss` built from
-    ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"`` or an
-    ``(m1, m2, m3)`` tuple). The step counter is a buffer, so it is saved with the state dict
+    ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"``, an
+    ``(m1, m2, m3)`` tuple or a registered head such as ``"adaface"``). The step counter is a buffer, so it is saved with the state dict
     and a resumed run continues the warm-up where it stopped.
 
     After a forward, :meth:`components` returns the logged parts as floats.
@@ -174,8 +175,11 @@ class OTFaceLoss(torch.nn.Module):
         if margin_loss is None:
             if num_classes is None:
                 raise ValueError("OTFaceLoss needs either margin_loss (e.g. a PartialFC_V2 module) or num_classes")
-            m1, m2, m3 = _margin_triple(margin)
-            margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
+            if isinstance(margin, str) and margin in HEADS:  # a registered head, e.g. adaface
+                margin_loss = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
+            else:
+                m1, m2, m3 = _margin_triple(margin)
+                margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
         elif not callable(margin_loss):
             raise TypeError(f"margin_loss must be callable (embeddings, labels) -> loss, got {type(margin_loss)}")
         self.margin_loss = margin_loss
