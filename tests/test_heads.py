@@ -332,3 +332,86 @@ def test_partial_fc_v2_with_sampling_equals_the_standalone_head(name, tmp_path):
             torch.testing.assert_close(value, r["ref_state"][key], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(value, results[0]["state"][key])
     assert results[0]["loss"] == pytest.approx(results[1]["loss"])
+
+
+# ----------------------------------------------------------------------------------------------
+# config keys and the recipe hook
+def _cfg(**keys):
+    from easydict import EasyDict
+
+    return EasyDict({"margin_list": (1.0, 0.5, 0.0), "batch_size": 16, **keys})
+
+
+class _FakePFC(torch.nn.Module):
+    """What build_head needs of PartialFC_V2: a ``margin_softmax`` submodule and a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.margin_softmax = torch.nn.Identity()
+        self.weight = torch.nn.Parameter(torch.randn(C, D))
+
+    def forward(self, local_embeddings, local_labels):
+        cosine = F.linear(F.normalize(local_embeddings), F.normalize(self.weight)).clamp(-1, 1)
+        return F.cross_entropy(self.margin_softmax(cosine, local_labels.view(-1, 1)), local_labels)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_loss_head_installs_the_margin_into_partial_fc(name):
+    from otface_plugin.arcface_torch import build_head, prepare_config
+
+    cfg = prepare_config(_cfg(loss=name.upper(), head_options={"s": 32.0}))
+    assert cfg.loss == name and cfg.sampler == "distributed" and cfg.margin_list == (1.0, 0.5, 0.0)
+    pfc = _FakePFC()
+    head = build_head(cfg, pfc, backbone=torch.nn.Linear(2, 2))
+    assert head is pfc and isinstance(pfc.margin_softmax, HEADS[name]) and pfc.margin_softmax.s == 32.0
+    x, y = batch(0)
+    ref = build_loss(name, num_classes=C, embedding_size=D, s=32.0)
+    ref.weight = pfc.weight
+    torch.manual_seed(0)
+    got = pfc(x, y)  # the norms reach AdaFace through the forward pre-hook
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, ref(x, y))
+    assert set(k.split(".")[0] for k in pfc.state_dict()) == {"weight"} | ({"margin_softmax"} if len(list(
+        pfc.margin_softmax.buffers())) else set())
+
+
+def test_otface_margin_head_goes_under_the_ot_term():
+    from otface_plugin.arcface_torch import build_head, prepare_config
+    from otface_plugin.arcface_torch.hooks import OTFaceHead
+
+    cfg = prepare_config(_cfg(loss="otface", otface={"margin": "curricularface", "feature": "embedding"},
+                              head_options={"m": 0.4}))
+    assert cfg.sampler == "pk" and cfg.margin_list == (1.0, 0.5, 0.0)
+    pfc = _FakePFC()
+    head = build_head(cfg, pfc, backbone=torch.nn.Linear(2, 2))
+    assert isinstance(head, OTFaceHead) and head.partial_fc is pfc
+    assert isinstance(pfc.margin_softmax, HEADS["curricularface"]) and pfc.margin_softmax.m == 0.4
+    assert "loss.margin_loss.margin_softmax.t" in head.state_dict()
+    x, y = batch(0)
+    assert torch.isfinite(head(x, y))
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"loss": "adaface", "head_options": {"h": -1}}, "head_options.*adaface option h must be >= 0"),
+    ({"loss": "adaface", "head_options": {"std": 0.1}}, "head_options.*unknown option.*accepted options: m, h, s, t_alpha"),
+    ({"loss": "arcface", "head_options": {"m": 0.4}}, "head_options.*no margin head"),
+    ({"head_options": {"m": 0.4}}, "head_options.*no margin head"),
+    ({"loss": "curricularface", "otface": {"margin": "adaface"}}, "otface.*loss is 'curricularface'"),
+    ({"loss": "otface", "otface": {"margin": "adafce"}}, "otface.margin.*margin head \\(adaface"),
+])
+def test_head_config_errors_name_the_key(keys, match):
+    from otface_plugin.arcface_torch import prepare_config
+    from otface_plugin.arcface_torch.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        prepare_config(_cfg(**keys))
+
+
+def test_standalone_otface_loss_takes_a_head_as_its_margin():
+    from otface_plugin.losses import OTFaceLoss
+
+    loss = OTFaceLoss(num_classes=C, embedding_size=D, margin="adaface", feature="embedding", triplet_mode="all")
+    assert isinstance(loss.margin_loss.margin, HEADS["adaface"])
+    x, y = batch(0)
+    assert torch.isfinite(loss(x.requires_grad_(), y))
+    assert "margin_loss.margin.batch_mean" in loss.state_dict()
