@@ -415,3 +415,16 @@ def test_standalone_otface_loss_takes_a_head_as_its_margin():
     x, y = batch(0)
     assert torch.isfinite(loss(x.requires_grad_(), y))
     assert "margin_loss.margin.batch_mean" in loss.state_dict()
+
+
+def test_bench_study_accepts_the_heads():
+    from otface_plugin.bench.cli import _parser, config_from_args
+    from otface_plugin.bench.train import RunSpec, TrainConfig, build_run_loss
+
+    cfg = config_from_args(_parser().parse_args(["data", "--toy", "--route", "plugin",
+                                                 "--losses", "arcface,adaface,otface"]))
+    assert cfg.losses == ("arcface", "adaface", "otface")
+    loss = build_run_loss(RunSpec("curricularface", 0), TrainConfig(), num_classes=C)
+    assert isinstance(loss.margin, HEADS["curricularface"]) and loss.margin.s == TrainConfig().scale
+    with pytest.raises(SystemExit, match="unknown loss"):
+        config_from_args(_parser().parse_args(["data", "--toy", "--losses", "arcface,adafce"]))
