@@ -248,7 +248,7 @@ def test_heads_table_lists_every_head_with_its_defaults():
 
 # ----------------------------------------------------------------------------------------------
 # inside the recipe's PartialFC_V2 (upstream module, CPU-patched copy), 2 gloo ranks
-def _pfc_worker(rank, world, port, root, name, out):
+def _pfc_worker(rank, world, port, root, name, options, out):
     import os
     import sys
 
@@ -261,14 +261,16 @@ def _pfc_worker(rank, world, port, root, name, out):
 
     from otface_plugin.arcface_torch.hooks import install_margin
 
+    # 20 classes per rank, 10 sampled; at most 8 positives per step, so every step draws the
+    # random negatives (and each rank consumes the generator alike)
     classes, dim, local_batch = 40, 16, 4
-    torch.manual_seed(100 + rank)  # each rank samples its own negatives, as in training
     pfc = PartialFC_V2(lambda logits, labels: logits, dim, classes, sample_rate=0.5)
-    install_margin(pfc, build_margin(name, **({"t_alpha": 0.5} if name == "adaface" else {})))
+    install_margin(pfc, build_margin(name, **options))
+    rng = {}  # the generator state the margin function starts from (ElasticFace draws from it)
+    pfc.margin_softmax.register_forward_pre_hook(lambda module, args: rng.update(state=torch.get_rng_state()))
     weight = torch.randn(classes, dim, generator=torch.Generator().manual_seed(5))
     pfc.weight.data.copy_(weight[pfc.class_start:pfc.class_start + pfc.num_local])
-    standalone = build_loss(name, num_classes=classes, embedding_size=dim,
-                            **({"t_alpha": 0.5} if name == "adaface" else {}))
+    standalone = build_loss(name, num_classes=classes, embedding_size=dim, **options)
     rows = slice(rank * local_batch, (rank + 1) * local_batch)
     result = {"loss": [], "ref": [], "grad_diff": [], "sampled": []}
     for step in range(4):
@@ -277,6 +279,7 @@ def _pfc_worker(rank, world, port, root, name, out):
         x = unit_rows(weight[labels] + torch.randn(world * local_batch, dim, generator=g))
         x = x * torch.empty(world * local_batch, 1).uniform_(2, 40, generator=g)
         local = x[rows].clone().requires_grad_(True)
+        torch.manual_seed(1000 + step)  # the same on every rank, as the recipe's setup_seed
         loss = pfc(local, labels[rows].clone())
         loss.backward()
         # the sampled class centres of every rank, in rank order: PartialFC_V2's column order
@@ -293,6 +296,7 @@ def _pfc_worker(rank, world, port, root, name, out):
         position[sampled] = torch.arange(sampled.numel())
         standalone.weight = torch.nn.Parameter(weight[sampled].clone())
         xr = x.clone().requires_grad_(True)
+        torch.set_rng_state(rng["state"])
         ref = standalone(xr, position[labels])
         ref.backward()
         result["loss"].append(float(loss.detach()))
@@ -308,8 +312,11 @@ def _pfc_worker(rank, world, port, root, name, out):
 
 @pytest.mark.upstream
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adaface", "curricularface"])
-def test_partial_fc_v2_with_sampling_equals_the_standalone_head(name, tmp_path):
+@pytest.mark.parametrize("name,options", [
+    ("adaface", {"t_alpha": 0.5}), ("curricularface", {}), ("elasticface_arc", {}),
+    ("elasticface_arc", {"plus": True}), ("elasticface_cos", {"plus": True}),
+])
+def test_partial_fc_v2_with_sampling_equals_the_standalone_head(name, options, tmp_path):
     import torch.multiprocessing as mp
 
     from conftest import copy_upstream, free_port
@@ -320,7 +327,7 @@ def test_partial_fc_v2_with_sampling_equals_the_standalone_head(name, tmp_path):
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_pfc_worker, args=(world, free_port(), str(root), name, out), nprocs=world, join=True)
+        mp.spawn(_pfc_worker, args=(world, free_port(), str(root), name, options, out), nprocs=world, join=True)
         results = dict(out)
     for rank in range(world):
         r = results[rank]
