@@ -435,3 +435,9 @@ def test_bench_study_accepts_the_heads():
     assert isinstance(loss.margin, HEADS["curricularface"]) and loss.margin.s == TrainConfig().scale
     with pytest.raises(SystemExit, match="unknown loss"):
         config_from_args(_parser().parse_args(["data", "--toy", "--losses", "arcface,adafce"]))
+
+
+def test_docs_table_is_the_generated_one():
+    from conftest import REPO
+
+    assert heads_table() in (REPO / "docs" / "heads.md").read_text()
