@@ -141,7 +141,9 @@ class OTFaceLoss(torch.nn.Module):
     The margin part is ``margin_loss(embeddings, labels)`` when a module is given (inside
     arcface_torch: its PartialFC_V2), else an own :class:`MarginSoftmaxLoss` built from
     ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"``, an
-XX
+    ``(m1, m2, m3)`` tuple or a registered head such as ``"adaface"``). The OT term's options
+    (``eps``, ``iters``, ``feature``, ...) are :class:`OTFaceTerm`'s, passed on by keyword; the
+    signature lists them. The step counter is a buffer, so it is saved with the state dict
     and a resumed run continues the warm-up where it stopped.
 
     After a forward, :meth:`components` returns the logged parts as floats.
