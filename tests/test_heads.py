@@ -405,6 +405,7 @@ def test_otface_margin_head_goes_under_the_ot_term():
     ({"head_options": {"m": 0.4}}, "head_options.*no margin head"),
     ({"loss": "curricularface", "otface": {"margin": "adaface"}}, "otface.*loss is 'curricularface'"),
     ({"loss": "otface", "otface": {"margin": "adafce"}}, "otface.margin.*margin head \\(adaface"),
+    ({"loss": "adaface", "interclass_filtering_threshold": 0.3}, "interclass_filtering_threshold.*'adaface'"),
 ])
 def test_head_config_errors_name_the_key(keys, match):
     from otface_plugin.arcface_torch import prepare_config

@@ -261,11 +261,15 @@ def head_of(cfg: Any) -> Optional[str]:
 
 
 def check_head_options(cfg: Any) -> None:
-    """``head_options`` only with a head, and values the head accepts (checked by building it)."""
+    """``head_options`` only with a head, and values the head accepts (checked by building it);
+    no ``interclass_filtering_threshold`` with a head (only the combined margin applies it)."""
+    head = head_of(cfg)
+    if head is not None and cfg.get("interclass_filtering_threshold", 0):
+        raise ConfigError(f"key 'interclass_filtering_threshold' belongs to the recipe's combined margin; "
+                          f"margin head {head!r} does not use it (set it to 0)")
     options = cfg.get("head_options")
     if options is None:
         return
-    head = head_of(cfg)
     if head is None:
         raise ConfigError(f"config sets 'head_options' but trains with no margin head ({', '.join(sorted(_heads()))})")
     if not isinstance(options, Mapping):
