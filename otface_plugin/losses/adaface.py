@@ -33,7 +33,8 @@ class AdaFaceMargin(MarginHead):
     needs_norms = True
     paper = "Kim et al., CVPR 2022 (arXiv:2204.00964)"
     verified = ("loss and input/weight gradients = a reference written after the authors' head.py, "
-                "5 steps incl. running mean/std, 1e-5; PartialFC_V2 (2 gloo ranks, sample_rate 0.5) = standalone")
+                "5 steps incl. running mean/std, 1e-5; PartialFC_V2 (2 gloo ranks, sample_rate 0.5) = standalone; "
+                "patched recipe, 2 CPU processes, 32 steps + resume")
 
     def __init__(self, m: float = 0.4, h: float = 0.333, s: float = 64.0, t_alpha: float = 0.01) -> None:
         super().__init__()

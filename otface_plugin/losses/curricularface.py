@@ -34,7 +34,8 @@ MOMENTUM = 0.01  # the authors' fixed EMA rate for t
 class CurricularFaceMargin(MarginHead):
     paper = "Huang et al., CVPR 2020 (arXiv:2004.00288)"
     verified = ("loss and input/weight gradients = a reference written after the authors' metrics.py, "
-                "5 steps incl. t, 1e-5; PartialFC_V2 (2 gloo ranks, sample_rate 0.5) = standalone")
+                "5 steps incl. t, 1e-5; PartialFC_V2 (2 gloo ranks, sample_rate 0.5) = standalone; "
+                "patched recipe under OTFace, 2 CPU processes, 32 steps + resume")
 
     def __init__(self, m: float = 0.5, s: float = 64.0) -> None:
         super().__init__()
