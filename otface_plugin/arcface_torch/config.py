@@ -8,12 +8,16 @@ wrong type is an error that names the key, so a typo cannot silently train with 
 Keys the plugin adds (python and YAML configs alike):
 
 - ``loss``: unset (upstream), ``"arcface"``, ``"cosface"``, ``"combined"`` (upstream
-  CombinedMarginLoss with ``margin_list``) or ``"otface"``;
+  CombinedMarginLoss with ``margin_list``), a registered margin head (``"adaface"``,
+  ``"curricularface"``, ``"elasticface_arc"``, ``"elasticface_cos"``: PartialFC_V2 with that
+  margin function) or ``"otface"``;
+- ``head_options``: a mapping of the margin head's options (e.g. ``{m: 0.4, h: 0.333}``), for
+  ``loss: <head>`` or ``otface: {margin: <head>}``;
 - ``sampler``: ``"pk"`` (P identities x K images per batch; the default for otface) or
   ``"distributed"`` (upstream's; the default otherwise);
 - ``num_instances``: K, images per identity in a P x K batch (default 4);
 - ``otface``: a mapping of OTFaceLoss options (``lambda_ot``, ``eps``, ``iters``, ``feature``,
-  ``triplet_mode``, ...), plus ``margin`` (``arcface``/``cosface``/[m1, m2, m3]) and ``layer``
+  ``triplet_mode``, ...), plus ``margin`` (``arcface``/``cosface``/[m1, m2, m3] or a head name) and ``layer``
   (the backbone submodule whose output is the conv feature map, default ``layer4``).
 """
 from __future__ import annotations
@@ -74,6 +78,7 @@ PLUGIN_KEYS: Dict[str, Tuple[tuple, str]] = {
     "sampler": ((str, type(None)), '"pk" or "distributed"'),
     "num_instances": ((int,), "an integer"),
     "otface": ((dict,), "a mapping of OTFace options"),
+    "head_options": ((dict,), "a mapping of the margin head's options"),
 }
 KNOWN_KEYS = {**RECIPE_KEYS, **PLUGIN_KEYS}
 
@@ -181,7 +186,8 @@ def _suggest(key: str, known) -> str:
 def _margin_triple(value: Any, what: str) -> Tuple[float, float, float]:
     if isinstance(value, str):
         if value not in MARGIN_PRESETS:
-            raise ConfigError(f"{what} must be arcface, cosface or [m1, m2, m3], got {value!r}")
+            raise ConfigError(f"{what} must be arcface, cosface, a margin head ({', '.join(sorted(_heads()))}) "
+                              f"or [m1, m2, m3], got {value!r}")
         return MARGIN_PRESETS[value]
     if (not isinstance(value, (list, tuple)) or len(value) != 3
             or not all(isinstance(m, Number) and not isinstance(m, bool) for m in value)):
@@ -213,7 +219,8 @@ def check_otface_options(options: Mapping[str, Any], where: str = "config") -> N
         if key not in accepted:
             raise ConfigError(f"{where}: unknown key {name!r}{_suggest(key, list(accepted) + list(HOOK_OPTIONS))}")
         if key == "margin":
-            _margin_triple(value, f"{where}: key {name!r}")
+            if not (isinstance(value, str) and value in _heads()):
+                _margin_triple(value, f"{where}: key {name!r}")
             continue
         if key == "s" and value != 64:
             raise ConfigError(f"{where}: key {name!r}: train_v2.py's margin softmax uses s=64; other scales are not supported")
@@ -237,6 +244,44 @@ def check_otface_options(options: Mapping[str, Any], where: str = "config") -> N
         raise ConfigError(f"{where}: key 'otface': {exc}") from None
 
 
+def _heads() -> Dict[str, Any]:
+    from otface_plugin.losses.head import HEADS
+
+    return HEADS
+
+
+def head_of(cfg: Any) -> Optional[str]:
+    """The registered margin head a config trains with (``loss: <head>`` or ``otface.margin``),
+    or None for the recipe's own combined margin."""
+    loss = cfg.get("loss")
+    if loss in _heads():
+        return loss
+    margin = (cfg.get("otface") or {}).get("margin") if loss == "otface" else None
+    return margin if isinstance(margin, str) and margin in _heads() else None
+
+
+def check_head_options(cfg: Any) -> None:
+    """``head_options`` only with a head, and values the head accepts (checked by building it);
+    no ``interclass_filtering_threshold`` with a head (only the combined margin applies it)."""
+    head = head_of(cfg)
+    if head is not None and cfg.get("interclass_filtering_threshold", 0):
+        raise ConfigError(f"key 'interclass_filtering_threshold' belongs to the recipe's combined margin; "
+                          f"margin head {head!r} does not use it (set it to 0)")
+    options = cfg.get("head_options")
+    if options is None:
+        return
+    if head is None:
+        raise ConfigError(f"config sets 'head_options' but trains with no margin head ({', '.join(sorted(_heads()))})")
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"key 'head_options' must be a mapping of {head} options, got {options!r}")
+    from otface_plugin.losses.head import build_margin
+
+    try:
+        build_margin(head, **options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"key 'head_options': {exc}") from None
+
+
 def build_otface_loss(margin_loss, options: Mapping[str, Any]):
     """OTFaceLoss around ``margin_loss`` with the config's options (hook options left out)."""
     from otface_plugin import build_loss
@@ -258,6 +303,7 @@ def prepare_config(cfg: Any) -> Any:
     if loss is None:
         if cfg.get("otface") is not None:
             raise ConfigError("config sets 'otface' options but not loss: 'otface'")
+        check_head_options(cfg)
         if cfg.get("sampler") is not None:
             _resolve_sampler(cfg, None)
         return cfg
@@ -268,11 +314,15 @@ def prepare_config(cfg: Any) -> Any:
         check_otface_options(options)
         cfg.otface = options
         _set_margin(cfg, options.get("margin", "arcface"))
+    elif name in _heads():
+        if cfg.get("otface") is not None:
+            raise ConfigError(f"config sets 'otface' options but loss is {name!r}")
     else:
         if cfg.get("otface") is not None:
             raise ConfigError(f"config sets 'otface' options but loss is {name!r}")
         if name in MARGIN_PRESETS:
             _set_margin(cfg, name)
+    check_head_options(cfg)
     _resolve_sampler(cfg, name)
     return cfg
 
@@ -286,9 +336,10 @@ def _check_loss_name(loss: Any) -> str:
     registered = available_losses()
     if name not in registered:
         raise UnknownLossError(f"unknown loss {loss!r}; registered losses: {', '.join(registered)}")
-    if name not in RECIPE_LOSSES:
+    if name not in RECIPE_LOSSES and name not in _heads():
         raise ConfigError(
-            f"loss {loss!r} is registered, but train_v2.py can build only {', '.join(RECIPE_LOSSES)}"
+            f"loss {loss!r} is registered, but train_v2.py can build only "
+            f"{', '.join(RECIPE_LOSSES + tuple(sorted(_heads())))}"
         )
     return name
 
@@ -298,6 +349,8 @@ def _set_margin(cfg: Any, margin: Any) -> None:
     they already are of that family (e.g. CosFace with m3=0.35)."""
     if not isinstance(margin, str):
         cfg.margin_list = _margin_triple(margin, "otface.margin")
+        return
+    if margin in _heads():  # the head replaces the recipe's margin function; margin_list unused
         return
     current = tuple(cfg.get("margin_list", ()))
     if len(current) == 3 and _family(current) == margin:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import distributed
 
-from otface_plugin.arcface_torch.config import DEFAULT_LAYER, build_otface_loss
+from otface_plugin.arcface_torch.config import DEFAULT_LAYER, build_otface_loss, head_of
 from otface_plugin.features import FeatureCapture
+from otface_plugin.losses.head import MarginHead, build_margin
 
 
 class OTFaceHead(torch.nn.Module):
@@ -46,7 +47,13 @@ class OTFaceHead(torch.nn.Module):
 
 
 def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module) -> torch.nn.Module:
-    """``partial_fc`` itself unless ``cfg.loss == "otface"``; then the OTFace head around it."""
+    """``partial_fc`` itself unless ``cfg.loss == "otface"``; then the OTFace head around it.
+
+    A registered margin head (``loss: adaface``, or ``otface.margin: adaface``) replaces
+    PartialFC_V2's margin function first (:func:`install_margin`)."""
+    head = head_of(cfg)
+    if head is not None:
+        install_margin(partial_fc, build_margin(head, **dict(cfg.get("head_options") or {})))
     if cfg.get("loss") != "otface":
         return partial_fc
     options = dict(cfg.get("otface") or {})
@@ -55,6 +62,29 @@ def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module)
     if loss.ot_term.feature == "conv":
         capture = FeatureCapture(backbone, options.get("layer", DEFAULT_LAYER))
     return OTFaceHead(loss, capture)
+
+
+def install_margin(partial_fc: torch.nn.Module, margin: MarginHead) -> None:
+    """Make ``margin`` PartialFC_V2's ``margin_softmax`` (a submodule, so its running buffers go
+    into ``state_dict_softmax_fc`` and come back on resume), marked as class-sharded.
+
+    A head that reads the embedding norms gets them from a forward pre-hook: each rank's norms
+    are all-gathered in rank order, the order in which PartialFC_V2 gathers embeddings and
+    labels, so row i of the norms is row i of the logits on every rank."""
+    margin.sharded = True
+    partial_fc.margin_softmax = margin
+    if margin.needs_norms:
+        partial_fc.register_forward_pre_hook(_feed_norms, with_kwargs=True)
+
+
+def _feed_norms(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    local = args[0] if args else kwargs["local_embeddings"]
+    norms = local.detach().float().norm(dim=1)
+    if distributed.is_initialized() and distributed.get_world_size() > 1:
+        parts = [torch.empty_like(norms) for _ in range(distributed.get_world_size())]
+        distributed.all_gather(parts, norms)
+        norms = torch.cat(parts)
+    module.margin_softmax.norms = norms
 
 
 def build_sampler(cfg: Any) -> Optional[Callable]:

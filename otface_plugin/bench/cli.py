@@ -26,7 +26,7 @@ from typing import List, Optional
 
 from otface_plugin.bench.data import default_dataset_dir
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, run_study, toy_config
-from otface_plugin.bench.train import LOSSES
+from otface_plugin.bench.train import LOSS_CHOICES, LOSSES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--toy", action="store_true", help="tiny pipeline check (12 identities, 1 seed, 30 steps)")
     p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5; toy 1)")
     p.add_argument("--steps", type=int, help="training steps per run (default 600; toy 30)")
-    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated (default: %(default)s)")
+    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated, of "
+                   + ", ".join(LOSS_CHOICES) + " (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-ablation", action="store_true", help="skip the OTFace ablation")
     g.add_argument("--ablation", help="comma-separated ablation variants (default: all of "
@@ -74,9 +75,9 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
-    unknown = sorted(set(losses) - set(LOSSES))
+    unknown = sorted(set(losses) - set(LOSS_CHOICES))
     if unknown:
-        raise SystemExit(f"otface-bench: unknown loss {unknown}; choose from {LOSSES}")
+        raise SystemExit(f"otface-bench: unknown loss {unknown}; choose from {LOSS_CHOICES}")
     cfg = replace(cfg, losses=losses)
     if args.no_ablation:
         cfg = replace(cfg, ablation=False)

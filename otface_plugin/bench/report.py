@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List
 
-NAMES = {"arcface": "ArcFace", "cosface": "CosFace", "otface": "OTFace"}
+NAMES = {"arcface": "ArcFace", "cosface": "CosFace", "otface": "OTFace", "adaface": "AdaFace",
+         "curricularface": "CurricularFace", "elasticface_arc": "ElasticFace-Arc", "elasticface_cos": "ElasticFace-Cos"}
 METRICS = [("accuracy", "accuracy (k-fold)"), ("tar@far=0.01", "TAR@FAR=1e-2"),
            ("tar@far=0.001", "TAR@FAR=1e-3"), ("hard_accuracy_other_seed", "hard pairs (other-seed ArcFace)"),
            ("hard_accuracy_same_seed", "hard pairs (same-seed ArcFace)")]

@@ -23,8 +23,11 @@ from otface_plugin import build_loss
 from otface_plugin.bench.data import TrainSet, normalise, pk_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.features import FeatureCapture
+from otface_plugin.losses.head import HEADS
 
-LOSSES = ("arcface", "cosface", "otface")
+LOSSES = ("arcface", "cosface", "otface")  # the default study
+# every loss a study may name: the default ones and the registered margin heads (adaface, ...)
+LOSS_CHOICES = LOSSES + tuple(sorted(HEADS))
 
 
 @dataclass

@@ -9,12 +9,14 @@ entropic Sinkhorn, hinge on W(a,p) - W(a,n)) are this project's; see README "Met
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Dict, Optional
 
 import torch
 from torch.nn import functional as F
 
+from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
 from otface_plugin.mining import TRIPLET_MODES, mine_triplets
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
@@ -138,8 +140,10 @@ class OTFaceLoss(torch.nn.Module):
 
     The margin part is ``margin_loss(embeddings, labels)`` when a module is given (inside
     arcface_torch: its PartialFC_V2), else an own :class:`MarginSoftmaxLoss` built from
-    ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"`` or an
-    ``(m1, m2, m3)`` tuple). The step counter is a buffer, so it is saved with the state dict
+    ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"``, an
+    ``(m1, m2, m3)`` tuple or a registered head such as ``"adaface"``). The OT term's options
+    (``eps``, ``iters``, ``feature``, ...) are :class:`OTFaceTerm`'s, passed on by keyword; the
+    signature lists them. The step counter is a buffer, so it is saved with the state dict
     and a resumed run continues the warm-up where it stopped.
 
     After a forward, :meth:`components` returns the logged parts as floats.
@@ -153,17 +157,8 @@ class OTFaceLoss(torch.nn.Module):
         margin="arcface",
         s: float = 64.0,
         lambda_ot: float = 0.1,
-        eps: float = 0.05,
-        iters: int = 50,
-        feature: str = "conv",
-        triplet_mode: str = "hard",
-        triplet_margin: float = 0.1,
-        ot_margin: float = 0.05,
-        ot_form: str = "hinge",
         warmup_steps: int = 0,
-        grad: str = "envelope",
-        eps_start: Optional[float] = None,
-        max_triplets: Optional[int] = None,
+        **term_options,
     ) -> None:
         super().__init__()
         _check_finite("lambda_ot", lambda_ot)
@@ -174,17 +169,26 @@ class OTFaceLoss(torch.nn.Module):
         if margin_loss is None:
             if num_classes is None:
                 raise ValueError("OTFaceLoss needs either margin_loss (e.g. a PartialFC_V2 module) or num_classes")
-            m1, m2, m3 = _margin_triple(margin)
-            margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
+            if isinstance(margin, str) and margin in HEADS:  # a registered head, e.g. adaface
+                margin_loss = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
+            else:
+                m1, m2, m3 = _margin_triple(margin)
+                margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
         elif not callable(margin_loss):
             raise TypeError(f"margin_loss must be callable (embeddings, labels) -> loss, got {type(margin_loss)}")
         self.margin_loss = margin_loss
-        self.ot_term = OTFaceTerm(eps, iters, feature, triplet_mode, triplet_margin, ot_margin, ot_form,
-                                  grad, eps_start, max_triplets)
+        self.ot_term = OTFaceTerm(**term_options)
         self.lambda_ot = float(lambda_ot)
         self.warmup_steps = warmup_steps
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._last: Dict[str, torch.Tensor | float] = {}
+
+    # the OT term's options (eps, iters, feature, ...) are declared once, by OTFaceTerm
+    __init__.__signature__ = inspect.Signature([
+        *list(inspect.signature(__init__).parameters.values())[:-1],
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+          for n, p in inspect.signature(OTFaceTerm.__init__).parameters.items() if n != "self"),
+    ])
 
     def current_lambda(self) -> torch.Tensor:
         """lambda at the current step, as a 0-d tensor on the step buffer's device (no sync)."""
