@@ -255,7 +255,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device_name": _device_name(args.device), "torch": torch.__version__,
-                       "threads": threads, "median_s": medians, "max_abs_error": errors, "peak_mib": memory,
+                       "threads": threads, "median_s": medians, "max_abs_error": errors,
+                       "peak_mib": {m: (None if v != v else v) for m, v in memory.items()},
                        "ops_per_iteration": ops, "summary": summary}, f, indent=2)
 
 

@@ -14,7 +14,7 @@ the others; the exit status is non-zero when any stage failed):
              loss: otface, sampler: pk, batch 128 = 32 x 4) on a .rec built by otface-data from
              ../shared/data/extyaleb, ~100 steps, resumed for one more epoch; loss finite and
              falling, OTFace components logged, the ONNX export loads in insightface
-             (CPU smoke: gloo, fp16 off, mbf, 4 x 4 batches, a few steps)
+             (CPU smoke: gloo, fp16 off, mbf, 2 x 4 batches, 12 + 6 steps)
 4. step    - benchmarks/bench_step.py: recipe r50, batch 128 = 32 x 4, fp16; OTFace / ArcFace
              step time (target <= 1.03)
 5. solver  - benchmarks/bench_ot.py: ours vs POT batched vs geomloss on the device, same error
@@ -51,6 +51,7 @@ import conftest  # noqa: E402
 import test_integration_train as itest  # noqa: E402
 
 STEP_TARGET = 1.03
+GPU_BATCH, SMOKE_BATCH = 128, 8  # P x K = 32 x 4 (the recipe's per-GPU batch); smoke: 2 x 4
 STAGES = ("tests", "nosync", "recipe", "step", "solver")
 
 
@@ -187,12 +188,12 @@ def stage_nosync(args, work: Path) -> dict:
 
 def recipe_job(args, rec: Path, num_classes: int, num_image: int, resume: bool, epochs: int) -> str:
     gpu = args.device == "cuda" and not args.smoke
-    network, layer, batch = ("r50", "layer4", 128) if gpu else ("mbf", "conv_sep", 16)
+    network, layer, batch = ("r50", "layer4", GPU_BATCH) if gpu else ("mbf", "conv_sep", SMOKE_BATCH)
     return "\n".join([
         "loss: otface", "sampler: pk", f"network: {network}", "output: null", f"batch_size: {batch}",
         "num_instances: 4", "optimizer: adamw", "lr: 0.001", "weight_decay: 0.1",
         f"fp16: {'true' if args.device == 'cuda' else 'false'}", "verbose: 100000", "frequent: 1",
-        "num_workers: 2", "save_all_states: true", f"resume: {'true' if resume else 'false'}", f"rec: {rec}",
+        f"num_workers: {2 if gpu else 1}", "save_all_states: true", f"resume: {'true' if resume else 'false'}", f"rec: {rec}",
         f"num_classes: {num_classes}", f"num_image: {num_image}", f"num_epoch: {epochs}", "warmup_epoch: 0",
         "val_targets: []", "otface:", f"  layer: {layer}", "  lambda_ot: 1.0", "  warmup_steps: 20", ""])
 
@@ -217,8 +218,8 @@ def stage_recipe(args, work: Path) -> dict:
     itest.otface_data("build-rec", faces, f"{work / 'rec'}/", "--identities-from", id_list, "--resize", 112,
                       "--no-progress", "--force")
     build_s = time.perf_counter() - t0
-    num_image = sum(len(list((faces / i).glob("*.pgm"))) for i in ids) if gpu else 128
-    batch = 128 if gpu else 16
+    num_image = sum(len(list((faces / i).glob("*.pgm"))) for i in ids) if gpu else 6 * SMOKE_BATCH
+    batch = GPU_BATCH if gpu else SMOKE_BATCH
     steps_per_epoch = num_image // batch
     epochs = max(2, round(100 / steps_per_epoch)) if gpu else 2
 
