@@ -245,7 +245,8 @@ def _loop_cudagraph(E, Et, a, b, v, count):
             scaling_loop(*static, count)
         torch.cuda.current_stream(E.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a data-loader thread pinning memory meanwhile must not void the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = scaling_loop(*static, count)
         entry = (graph, static, out)
         _GRAPHS[key] = entry
