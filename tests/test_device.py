@@ -167,3 +167,13 @@ def test_pk_sampler_batches_unchanged_by_device(device):
         x = torch.nn.functional.normalize(torch.randn(8, 16, device=device), dim=1)
         _, _, valid = hardest_pairs(x @ x.t(), lab)
         assert bool(valid.all())
+
+
+def test_ot_compile_option_checked_and_accepted_by_recipe_configs():
+    from otface_plugin.arcface_torch.config import ConfigError, check_otface_options
+
+    with pytest.raises(ValueError, match="ot_compile"):
+        OTFaceTerm(ot_compile="graph")
+    check_otface_options({"ot_compile": "cudagraph", "lambda_ot": 0.1})
+    with pytest.raises(ConfigError, match="ot_compile"):
+        check_otface_options({"ot_compile": "graph"})
