@@ -363,7 +363,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI: proves the script works, under 5 min on CPU)")
-    p.add_argument("--out", default=str(REPO / "results" / "gpu"), help="where REPORT.md and gpu.json go")
+    p.add_argument("--out", help="where REPORT.md and gpu.json go (default: results/gpu; with --smoke a new "
+                                  "temporary directory, so CI leaves the tree clean)")
     p.add_argument("--train-python", default=os.environ.get("OTFACE_TRAIN_PYTHON", sys.executable),
                    help="interpreter with the recipe's dependencies (default: OTFACE_TRAIN_PYTHON, else this one)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -377,7 +378,7 @@ def main(argv=None) -> int:
     # per-stage wall-clock limits (s): the full GPU run must fit 8 minutes
     args.timeout = {"tests": 150, "recipe": 240, "step": 120, "solver": 120}
 
-    out = Path(args.out)
+    out = Path(args.out or (tempfile.mkdtemp(prefix="otface-gpu-smoke-") if args.smoke else REPO / "results" / "gpu"))
     work = Path(tempfile.mkdtemp(prefix="otface-gpu-check-"))
     info = machine_info(args.device)
     print(f"[gpu-check] {info}; work dir {work}", flush=True)
