@@ -156,7 +156,7 @@ def sinkhorn(
 def _iterate(C, log_a, log_b, schedule, method):
     B, N, M = C.shape
     log_u = torch.zeros(B, N, dtype=C.dtype, device=C.device)
-    log_v = torch.zeros(B, M, dtype=C.dtype, device=C.device)
+    log_v = _initial_log_v(log_b)
     prev_eps = None
     for eps in schedule:
         if eps != prev_eps:
@@ -185,7 +185,7 @@ def _iterate_scaling(C, log_a, log_b, schedule, loop="eager"):
     """
     B, N, M = C.shape
     log_u = torch.zeros(B, N, dtype=C.dtype, device=C.device)
-    log_v = torch.zeros(B, M, dtype=C.dtype, device=C.device)
+    log_v = _initial_log_v(log_b)
     # Row vectors (B, 1, n): a (1, M) x (M, N) bmm is several times faster on CPU than the
     # (N, M) x (M, 1) mat-vec of the same product.
     a, b = torch.exp(log_a).unsqueeze(1), torch.exp(log_b).unsqueeze(1)
@@ -272,6 +272,12 @@ def _segments(schedule):
         else:
             out.append([eps, 1])
     return [(e, n) for e, n in out]
+
+
+def _initial_log_v(log_b):
+    """v = 1 on the support of b and 0 off it, so zero-weight points (padding) are absent from
+    the first update too and the iterates equal those of the problem without them."""
+    return torch.zeros_like(log_b).masked_fill(torch.isneginf(log_b), -math.inf)
 
 
 def _shifted_kernels(K):

@@ -177,3 +177,25 @@ def test_ot_compile_option_checked_and_accepted_by_recipe_configs():
     check_otface_options({"ot_compile": "cudagraph", "lambda_ot": 0.1})
     with pytest.raises(ConfigError, match="ot_compile"):
         check_otface_options({"ot_compile": "graph"})
+
+
+def test_fixed_shape_embedding_mode_equals_eager(device):
+    # one OT problem over the selected anchors: padded slots carry zero weight
+    emb, _, labels = conv_batch(device, P=4, K=4, seed=3)
+    values, grads = [], []
+    for mode in ("none", "cudagraph"):
+        term = OTFaceTerm(eps=0.1, iters=30, feature="embedding", triplet_mode="hard", triplet_margin=-0.05,
+                          ot_form="softplus", ot_compile=mode)
+        e = emb.clone().requires_grad_()
+        value = term(e, labels)
+        value.backward()
+        values.append((float(value), float(term.last["triplets"]), float(term.last["w_an"])))
+        grads.append(e.grad)
+    assert 0 < values[0][1] < 16
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-7, rtol=1e-4)
+    none = OTFaceTerm(feature="embedding", ot_compile="cudagraph")
+    e = emb.clone().requires_grad_()
+    value = none(e, torch.arange(16, device=device))  # no positives: zero, finite gradients
+    value.backward()
+    assert float(value) == 0.0 and torch.isfinite(e.grad).all()

@@ -233,3 +233,17 @@ def test_compiled_loop_equals_eager():
     r1 = sinkhorn(C, a, b, eps=0.05, iters=4, method="scaling")
     r2 = sinkhorn(C, a, b, eps=0.05, iters=4, method="scaling", loop="compile")
     torch.testing.assert_close(r2.cost, r1.cost, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lse", "kernel", "scaling"])
+def test_zero_weight_points_are_absent_at_every_iteration(method):
+    # padding (fixed shapes) must not change the iterates: v starts at 0 off the support of b
+    C, a, b = random_problem(B=2, N=6, M=7, weights=True, seed=17)
+    padded = torch.nn.functional.pad(C, (0, 3, 0, 2), value=0.5)
+    a0 = torch.nn.functional.pad(a, (0, 2))
+    b0 = torch.nn.functional.pad(b, (0, 3))
+    for iters in (1, 5):
+        small = sinkhorn(C, a, b, eps=0.05, iters=iters, method=method)
+        big = sinkhorn(padded, a0, b0, eps=0.05, iters=iters, method=method)
+        torch.testing.assert_close(big.cost, small.cost, atol=1e-12, rtol=0)
+        torch.testing.assert_close(big.plan[:, :6, :7], small.plan, atol=1e-12, rtol=0)

@@ -129,7 +129,14 @@ class OTFaceTerm(torch.nn.Module):
             e = _unit_float(embeddings)
             sources, targets = torch.stack([e[a], e[a]]), torch.stack([e[p], e[n]])
         cost = cosine_cost(sources, targets, normalize=False)
-        w = sinkhorn(cost, eps=self.eps, iters=self.iters, grad=self.grad,
+        weights = None
+        if mask is not None and self.feature == "embedding":
+            # one problem over the selected anchors: padded slots weigh 0 (uniform when none is)
+            count = mask.sum()
+            weights = torch.where(count > 0, mask / count.clamp(min=1.0), torch.full_like(mask, 1.0 / mask.numel()))
+            weights = weights.expand(2, -1)
+            mask = (count > 0).float().view(1)
+        w = sinkhorn(cost, weights, weights, eps=self.eps, iters=self.iters, grad=self.grad,
                      eps_start=self.eps_start, method=self.method, loop=self.loop).cost
         w_ap, w_an = w.chunk(2)
         gap = w_ap - w_an + self.ot_margin
@@ -137,7 +144,7 @@ class OTFaceTerm(torch.nn.Module):
         if mask is None:
             self.last.update(w_ap=w_ap.detach().mean(), w_an=w_an.detach().mean())
             return per_triplet.mean()
-        count = mask.sum().clamp(min=1.0)
+        count = mask.sum().clamp(min=1.0)  # embedding: the one problem, or none
         self.last.update(w_ap=(w_ap.detach() * mask).sum() / count, w_an=(w_an.detach() * mask).sum() / count)
         return (per_triplet * mask).sum() / count
 
