@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean gpu-check
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -29,6 +29,11 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench_ot.py
 	$(VENV)/bin/python benchmarks/bench_step.py
+
+# On a GPU machine (benchmarks/gpu_env.sh builds GPU_PYTHON): writes results/gpu/REPORT.md + gpu.json.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --device cuda --strict --out results/gpu
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -6,14 +6,19 @@ a margin softmax head; "otface" adds the OT term on the layer4 maps of the same 
 variants alternate step by step on the same batch so that machine noise hits both alike; the
 table gives medians and the ratio.
 
-    python benchmarks/bench_step.py [--P 2 --K 4] [--steps 5] [--device cpu]
+    python benchmarks/bench_step.py [--P 2 --K 4] [--steps 5] [--device cpu] [--fp16] [--json out.json]
 
-With ARCFACE_TORCH_DIR set, ``--backbone upstream`` uses the recipe's own iresnet50 instead.
-On a GPU the recipe's batch (128 per GPU, P=32 x K=4) is the meaningful one.
+``--backbone upstream`` uses the recipe's own iresnet50 instead (ARCFACE_TORCH_DIR, else the
+pinned export at ../shared/upstream/arcface_torch-7fadd420). On a GPU the recipe's batch (128
+per GPU, P=32 x K=4) with ``--fp16`` (the recipe's autocast, as ``fp16: true``) is the
+meaningful one:
+
+    python benchmarks/bench_step.py --device cuda --backbone upstream --P 32 --K 4 --fp16 --steps 20
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -60,13 +65,18 @@ class IResNet50Like(nn.Module):
         return self.features(self.fc(self.bn2(x).flatten(1)))
 
 
-def upstream_r50():
-    root = os.environ.get("ARCFACE_TORCH_DIR")
-    if not root:
-        raise SystemExit("--backbone upstream needs ARCFACE_TORCH_DIR (an arcface_torch checkout)")
+SHARED_UPSTREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "upstream",
+                               "arcface_torch-7fadd420")
+
+
+def upstream_r50(fp16=False):
+    root = os.environ.get("ARCFACE_TORCH_DIR") or SHARED_UPSTREAM
+    if not os.path.isfile(os.path.join(root, "backbones", "__init__.py")):
+        raise SystemExit(f"--backbone upstream needs an arcface_torch checkout: set ARCFACE_TORCH_DIR (tried {root})")
     sys.path.insert(0, root)
     from backbones import get_model  # the recipe's own factory, imported, not copied
-    return get_model("r50", dropout=0.0, fp16=False, num_features=512)
+    # fp16=True: the recipe's iresnet runs its body under autocast itself (train_v2.py, fp16: true)
+    return get_model("r50", dropout=0.0, fp16=fp16, num_features=512)
 
 
 def main():
@@ -77,14 +87,20 @@ def main():
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", choices=["builtin", "upstream"], default="builtin")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast for the backbone, as the recipe's fp16: true")
+    p.add_argument("--ot-compile", default="none", choices=["none", "compile", "cudagraph"],
+                   help="OTFace option ot_compile")
+    p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    net = (IResNet50Like() if args.backbone == "builtin" else upstream_r50()).to(device)
+    net = (IResNet50Like() if args.backbone == "builtin" else upstream_r50(args.fp16)).to(device)
     capture = FeatureCapture(net, "layer4")
     head = MarginSoftmaxLoss(args.classes, 512).to(device)
-    otface = OTFaceLoss(margin_loss=head, lambda_ot=0.1, triplet_mode="all").to(device)
+    otface = OTFaceLoss(margin_loss=head, lambda_ot=0.1, triplet_mode="all", ot_compile=args.ot_compile).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                              enabled=args.fp16 and args.backbone == "builtin")
     B = args.P * args.K
     images = torch.randn(B, 3, 112, 112, device=device)
     labels = torch.arange(args.P, device=device).repeat_interleave(args.K)
@@ -93,7 +109,9 @@ def main():
     def step(variant):
         net.zero_grad(set_to_none=True)
         head.zero_grad(set_to_none=True)
-        emb = net(images)
+        with autocast:
+            emb = net(images)
+        emb = emb.float()
         feats = capture.pop()
         loss = head(emb, labels) if variant == "margin" else otface(emb, labels, features=feats)
         loss.backward()
@@ -111,13 +129,19 @@ def main():
     med = {v: statistics.median(ts) for v, ts in times.items()}
     triplets = int(otface.components()["triplets"])
     print(f"\n{args.backbone} backbone ({params:.1f} M parameters), batch {B} = {args.P} x {args.K} at 112x112, "
-          f"{triplets} triplets of 49x49 layer4 descriptors, device={args.device}, torch {torch.__version__}, "
+          f"{triplets} triplets of 49x49 layer4 descriptors, device={args.device}, fp16 autocast {args.fp16}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} alternating steps")
     print(f"{'variant':<22} {'median s/step':>14} {'ratio':>7}")
     print("-" * 45)
     print(f"{'margin softmax':<22} {med['margin']:>14.3f} {1.0:>7.3f}")
     print(f"{'margin + OT (OTFace)':<22} {med['otface']:>14.3f} {med['otface'] / med['margin']:>7.3f}")
-    print(f"\nOT term adds {100 * (med['otface'] / med['margin'] - 1):+.1f}% to the step (target <= +5%)")
+    ratio = med["otface"] / med["margin"]
+    print(f"\nOT term adds {100 * (ratio - 1):+.1f}% to the step (target <= +3% on a GPU at 32 x 4, fp16)")
+    if args.json:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device_name": name, "torch": torch.__version__, "batch": B,
+                       "triplets": triplets, "median_s": med, "ratio": ratio}, f, indent=2)
 
 
 if __name__ == "__main__":

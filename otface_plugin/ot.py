@@ -15,25 +15,30 @@ Design points:
   ``rowmax + log(E @ exp(v - max v))`` with ``E = exp(K - rowmax K)`` computed once, turning each
   half-iteration into a batched mat-vec. The factorisation cannot underflow while
   ``span(C) / eps`` stays below the floating-point exponent range (see ``KERNEL_SPAN_LIMIT``);
-  ``"auto"`` picks it only then.
+  ``"auto"`` picks it only then. ``"scaling"`` runs the same iterates in the scaling domain
+  (Cuturi's ``u = a / (K v)``, ``v = b / (K^T u)``) on that row-shifted kernel: two batched
+  mat-vecs and two divisions per iteration, four operations in all, with fixed shapes, so the
+  loop is cheap to dispatch eagerly and easy to capture in a CUDA graph or ``torch.compile``.
+  Same span limit as ``"kernel"``: the scalings then stay within the float exponent range.
 * Gradients: ``"envelope"`` detaches the plan and differentiates ``<P, C>`` through ``C`` only
   (Danskin / envelope theorem for the entropic problem); ``"autodiff"`` unrolls the loop.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["OTResult", "sinkhorn", "cosine_cost", "KERNEL_SPAN_LIMIT"]
+__all__ = ["OTResult", "sinkhorn", "cosine_cost", "scaling_loop", "KERNEL_SPAN_LIMIT", "LOOPS"]
 
 # Largest span(C)/eps for which exp(-span/eps) stays a normal number with margin to spare.
 KERNEL_SPAN_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 
 _GRAD_MODES = ("envelope", "autodiff")
-_METHODS = ("auto", "lse", "kernel")
+_METHODS = ("auto", "lse", "kernel", "scaling")
 
 
 @dataclass
@@ -90,6 +95,7 @@ def sinkhorn(
     eps_start: Optional[float] = None,
     anneal_iters: Optional[int] = None,
     method: str = "auto",
+    loop: str = "eager",
 ) -> OTResult:
     """Entropic OT for a batch of cost matrices by log-domain Sinkhorn.
 
@@ -104,14 +110,22 @@ def sinkhorn(
         eps_start: if given, eps-annealing (epsilon scaling): eps decreases geometrically from
             ``eps_start`` to ``eps`` over the first ``anneal_iters`` iterations (default:
             half of ``iters``), then stays at ``eps``.
-        method: ``"lse"``, ``"kernel"`` or ``"auto"`` (see the module docstring). ``"auto"``
+        method: ``"lse"``, ``"kernel"``, ``"scaling"`` or ``"auto"`` (see the module docstring). ``"auto"``
             reads ``span(C)/eps`` once before the loop, which is one host synchronisation on a
             GPU; pass ``"kernel"`` when the span is known to be small (cosine costs: 2).
+        loop: how the ``"scaling"`` loop runs: ``"eager"``; ``"compile"`` (``torch.compile``,
+            one compiled graph per shape and iteration count); ``"cudagraph"`` (captured once
+            per shape in a CUDA graph and replayed: one launch per solve; CUDA only, eager
+            elsewhere and with ``grad="autodiff"``). Only with ``method="scaling"``.
 
     Returns:
         :class:`OTResult` with the (B,) transport cost ``<P, C>``.
     """
     _check_inputs(cost, a, b, eps, iters, grad, eps_start, method)
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    if loop != "eager" and method != "scaling":
+        raise ValueError(f"loop={loop!r} needs method='scaling', got method={method!r}")
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=cost.device.type, enabled=False):
         C = cost.to(dtype)
@@ -127,7 +141,10 @@ def sinkhorn(
         solve_grad = grad == "autodiff" and torch.is_grad_enabled()
         with torch.set_grad_enabled(solve_grad):
             C_solve = C if solve_grad else C.detach()
-            log_u, log_v = _iterate(C_solve, log_a, log_b, schedule, method)
+            if method == "scaling":
+                log_u, log_v = _iterate_scaling(C_solve, log_a, log_b, schedule, loop if not solve_grad else "eager")
+            else:
+                log_u, log_v = _iterate(C_solve, log_a, log_b, schedule, method)
 
         # Envelope: the plan is a constant, so the gradient of <P, C> reaches C only directly.
         C_plan = C if solve_grad else C.detach()
@@ -139,7 +156,7 @@ def sinkhorn(
 def _iterate(C, log_a, log_b, schedule, method):
     B, N, M = C.shape
     log_u = torch.zeros(B, N, dtype=C.dtype, device=C.device)
-    log_v = torch.zeros(B, M, dtype=C.dtype, device=C.device)
+    log_v = _initial_log_v(log_b)
     prev_eps = None
     for eps in schedule:
         if eps != prev_eps:
@@ -158,6 +175,109 @@ def _iterate(C, log_a, log_b, schedule, method):
             log_u = log_a - torch.logsumexp(K + log_v[:, None, :], dim=2)
             log_v = log_b - torch.logsumexp(K + log_u[:, :, None], dim=1)
     return log_u, log_v
+
+
+def _iterate_scaling(C, log_a, log_b, schedule, loop="eager"):
+    """Sinkhorn in the scaling domain with P = u~ * exp(K - rowmax K) * v, u~ = u * exp(rowmax K).
+
+    Exactly the iterates of the log-domain loop (same update order), in exp form. Between eps
+    segments the scalings go back to the log domain so the potentials carry over.
+    """
+    B, N, M = C.shape
+    log_u = torch.zeros(B, N, dtype=C.dtype, device=C.device)
+    log_v = _initial_log_v(log_b)
+    # Row vectors (B, 1, n): a (1, M) x (M, N) bmm is several times faster on CPU than the
+    # (N, M) x (M, 1) mat-vec of the same product.
+    a, b = torch.exp(log_a).unsqueeze(1), torch.exp(log_b).unsqueeze(1)
+    prev_eps = None
+    for eps, count in _segments(schedule):
+        if prev_eps is not None:
+            log_u = log_u * (prev_eps / eps)
+            log_v = log_v * (prev_eps / eps)
+        prev_eps = eps
+        K = -C / eps
+        row_max = K.amax(dim=2, keepdim=True)
+        E = torch.exp(K - row_max)  # (B, N, M), each row's largest entry is 1
+        Et = E.transpose(1, 2).contiguous()
+        shift = log_v.amax(dim=1, keepdim=True)  # 0 on the first segment: v starts at exactly 1
+        v = torch.exp(log_v - shift).unsqueeze(1)
+        u, v = _LOOP_RUNNERS[loop](E, Et, a, b, v, count)
+        log_u = torch.log(u).squeeze(1) - row_max.squeeze(2) - shift
+        log_v = torch.log(v).squeeze(1) + shift
+    return log_u, log_v
+
+
+def scaling_loop(E, Et, a, b, v, count: int):
+    """``count`` Sinkhorn iterations in the scaling domain on fixed shapes: four ops each."""
+    u = a
+    for _ in range(count):
+        u = a / torch.bmm(v, Et)  # u~_i = a_i / sum_j E_ij v_j
+        v = b / torch.bmm(u, E)  # v_j = b_j / sum_i u~_i E_ij
+    return u, v
+
+
+_COMPILED: dict = {}
+
+
+def _loop_compiled(E, Et, a, b, v, count):
+    fn = _COMPILED.get("fn")
+    if fn is None:
+        fn = _COMPILED["fn"] = torch.compile(scaling_loop, dynamic=False, fullgraph=True)
+    return fn(E, Et, a, b, v, count)
+
+
+_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+MAX_GRAPHS = 8  # captured shapes kept; fixed-shape training needs one
+
+
+def _loop_cudagraph(E, Et, a, b, v, count):
+    """Replay a CUDA graph of :func:`scaling_loop` captured for these shapes (eager off CUDA)."""
+    if E.device.type != "cuda" or torch.is_grad_enabled():
+        return scaling_loop(E, Et, a, b, v, count)
+    inputs = (E, Et, a, b, v)
+    key = (tuple(tuple(t.shape) for t in inputs), E.dtype, E.device, count)
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        static = tuple(t.clone() for t in inputs)
+        side = torch.cuda.Stream(device=E.device)
+        side.wait_stream(torch.cuda.current_stream(E.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+            scaling_loop(*static, count)
+        torch.cuda.current_stream(E.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a data-loader thread pinning memory meanwhile must not void the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = scaling_loop(*static, count)
+        entry = (graph, static, out)
+        _GRAPHS[key] = entry
+        while len(_GRAPHS) > MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    graph, static, out = entry
+    for dst, src in zip(static, inputs):
+        dst.copy_(src)
+    graph.replay()
+    return tuple(t.clone() for t in out)
+
+
+_LOOP_RUNNERS = {"eager": scaling_loop, "compile": _loop_compiled, "cudagraph": _loop_cudagraph}
+LOOPS = tuple(_LOOP_RUNNERS)
+
+
+def _segments(schedule):
+    """[(eps, run length)] of a schedule's consecutive equal values."""
+    out = []
+    for eps in schedule:
+        if out and out[-1][0] == eps:
+            out[-1][1] += 1
+        else:
+            out.append([eps, 1])
+    return [(e, n) for e, n in out]
+
+
+def _initial_log_v(log_b):
+    """v = 1 on the support of b and 0 off it, so zero-weight points (padding) are absent from
+    the first update too and the iterates equal those of the problem without them."""
+    return torch.zeros_like(log_b).masked_fill(torch.isneginf(log_b), -math.inf)
 
 
 def _shifted_kernels(K):

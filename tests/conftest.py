@@ -82,3 +82,27 @@ def train_python() -> str:
         pytest.skip(f"{py} lacks the recipe's dependencies (set OTFACE_TRAIN_PYTHON; "
                     f"`bash .ci/recipe_env.sh` builds one): {last}")
     return py
+
+
+def cuda_available() -> bool:
+    try:  # the mxnet-compat tests share this conftest in an env without torch
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# The same test on every device: the "cuda" case carries the `cuda` marker (`pytest -m cuda` runs
+# only those) and skips where no GPU is present.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda,
+                                           pytest.mark.skipif(not cuda_available(), reason="no CUDA device")]),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    import torch
+
+    return torch.device(request.param)

@@ -21,7 +21,7 @@ def random_problem(B=3, N=6, M=8, D=5, seed=0, dtype=torch.float64, weights=Fals
     return C, a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
 
 
-@pytest.mark.parametrize("method", ["lse", "kernel"])
+@pytest.mark.parametrize("method", ["lse", "kernel", "scaling"])
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("eps", [0.05, 0.2])
 def test_matches_pot_sinkhorn2_at_convergence(method, weights, eps):
@@ -37,7 +37,7 @@ def test_matches_pot_sinkhorn2_at_convergence(method, weights, eps):
         np.testing.assert_allclose(ours.plan[i].numpy(), ref_plan, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lse", "kernel"])
+@pytest.mark.parametrize("method", ["lse", "kernel", "scaling"])
 @pytest.mark.parametrize("iters", [1, 7, 50])
 def test_matches_pot_batch_solver_iteration_for_iteration(method, iters):
     # Same update order as ot.batch's log-Sinkhorn: equal after any fixed number of iterations.
@@ -177,3 +177,73 @@ def test_bad_shapes():
         sinkhorn(torch.rand(2, 3, 4), a=torch.rand(2, 4))
     with pytest.raises(ValueError, match="B, N, D"):
         cosine_cost(torch.rand(2, 3, 4), torch.rand(2, 3, 5))
+
+
+def test_scaling_equals_lse_with_eps_annealing():
+    # eps segments hand the potentials over through the log domain, as the log-domain loop does
+    C, a, b = random_problem(B=3, N=30, M=25, D=4, weights=True, seed=12)
+    r1 = sinkhorn(C, a, b, eps=0.005, iters=60, eps_start=1.0, method="lse")
+    r2 = sinkhorn(C, a, b, eps=0.005, iters=60, eps_start=1.0, method="scaling")
+    torch.testing.assert_close(r2.cost, r1.cost, atol=1e-12, rtol=0)
+    torch.testing.assert_close(r2.plan, r1.plan, atol=1e-12, rtol=0)
+
+
+def test_scaling_float32_at_the_span_limit():
+    # span(C) / eps = 60, the float32 limit of the exp-form methods: the scalings stay finite
+    g = torch.Generator().manual_seed(13)
+    C = torch.rand(4, 49, 49, generator=g) * 3.0
+    C[:, 0, 0], C[:, 0, 1] = 0.0, 3.0
+    ref = sinkhorn(C.double(), eps=0.05, iters=200, method="lse")
+    ours = sinkhorn(C, eps=0.05, iters=200, method="scaling")
+    assert torch.isfinite(ours.log_u).all() and torch.isfinite(ours.log_v).all()
+    torch.testing.assert_close(ours.cost.double(), ref.cost, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.plan.sum(1).double(), torch.full((4, 49), 1 / 49, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_scaling_autodiff_gradient_equals_lse():
+    C, a, b = random_problem(B=2, N=5, M=6, D=3, weights=True, seed=14)
+    grads = []
+    for method in ("lse", "scaling"):
+        c = C.clone().requires_grad_()
+        sinkhorn(c, a, b, eps=0.1, iters=15, grad="autodiff", method=method).cost.sum().backward()
+        grads.append(c.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-12, rtol=0)
+
+
+def test_loop_option_checked():
+    with pytest.raises(ValueError, match="loop"):
+        sinkhorn(torch.rand(2, 3, 4), method="scaling", loop="graph")
+    with pytest.raises(ValueError, match="method='scaling'"):
+        sinkhorn(torch.rand(2, 3, 4), method="kernel", loop="compile")
+
+
+def test_cudagraph_loop_is_eager_off_cuda():
+    C, a, b = random_problem(B=3, seed=15)
+    r1 = sinkhorn(C, eps=0.05, iters=9, method="scaling")
+    r2 = sinkhorn(C, eps=0.05, iters=9, method="scaling", loop="cudagraph")
+    assert torch.equal(r1.cost, r2.cost)
+
+
+@pytest.mark.slow
+def test_compiled_loop_equals_eager():
+    # torch.compile of the unrolled loop (inductor; needs a C compiler on CPU, ~1 min here)
+    pytest.importorskip("torch._inductor")
+    C, a, b = random_problem(B=3, N=7, M=9, seed=16, dtype=torch.float32, weights=True)
+    r1 = sinkhorn(C, a, b, eps=0.05, iters=4, method="scaling")
+    r2 = sinkhorn(C, a, b, eps=0.05, iters=4, method="scaling", loop="compile")
+    torch.testing.assert_close(r2.cost, r1.cost, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lse", "kernel", "scaling"])
+def test_zero_weight_points_are_absent_at_every_iteration(method):
+    # padding (fixed shapes) must not change the iterates: v starts at 0 off the support of b
+    C, a, b = random_problem(B=2, N=6, M=7, weights=True, seed=17)
+    padded = torch.nn.functional.pad(C, (0, 3, 0, 2), value=0.5)
+    a0 = torch.nn.functional.pad(a, (0, 2))
+    b0 = torch.nn.functional.pad(b, (0, 3))
+    for iters in (1, 5):
+        small = sinkhorn(C, a, b, eps=0.05, iters=iters, method=method)
+        big = sinkhorn(padded, a0, b0, eps=0.05, iters=iters, method=method)
+        torch.testing.assert_close(big.cost, small.cost, atol=1e-12, rtol=0)
+        torch.testing.assert_close(big.plan[:, :6, :7], small.plan, atol=1e-12, rtol=0)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
-from otface_plugin.mining import TRIPLET_MODES, mine_triplets
+from otface_plugin.mining import TRIPLET_MODES, _misclassified_mask, hardest_pairs, mine_triplets
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
 from otface_plugin.registry import register_loss
 
@@ -26,6 +26,8 @@ __all__ = ["OTFaceLoss", "OTFaceTerm"]
 
 FEATURES = ("conv", "embedding")
 OT_FORMS = ("hinge", "softplus")
+# how the Sinkhorn loop runs; anything but "none" also pads the triplets to fixed shapes
+OT_COMPILE = {"none": "eager", "compile": "compile", "cudagraph": "cudagraph"}
 COSINE_COST_SPAN = 2.0  # cosine costs of unit vectors lie in [0, 2]
 MIN_EPS = 1e-4
 
@@ -38,6 +40,11 @@ class OTFaceTerm(torch.nn.Module):
     ``max(0, W(a, p) - W(a, n) + ot_margin)``, averaged. ``feature="embedding"``: one OT problem
     between the set of hard anchors' embeddings and the set of their positives, one with their
     negatives, and the same hinge on the two costs.
+
+    ``ot_compile="compile"`` or ``"cudagraph"``: every anchor of the batch gets a triplet slot
+    (``max_triplets`` slots when set), the hard ones masked in, so the OT problems keep one
+    shape from step to step and the step has no host synchronisation; the Sinkhorn loop then
+    runs through ``torch.compile`` or as a captured CUDA graph (eager off CUDA). Same loss value.
     """
 
     def __init__(
@@ -52,9 +59,11 @@ class OTFaceTerm(torch.nn.Module):
         grad: str = "envelope",
         eps_start: Optional[float] = None,
         max_triplets: Optional[int] = None,
+        ot_compile: str = "none",
     ) -> None:
         super().__init__()
         _check_choice("feature", feature, FEATURES)
+        _check_choice("ot_compile", ot_compile, tuple(OT_COMPILE))
         _check_choice("triplet_mode", triplet_mode, TRIPLET_MODES)
         _check_choice("ot_form", ot_form, OT_FORMS)
         _check_choice("grad", grad, ("envelope", "autodiff"))
@@ -76,8 +85,11 @@ class OTFaceTerm(torch.nn.Module):
         self.triplet_mode, self.triplet_margin = triplet_mode, float(triplet_margin)
         self.ot_margin, self.ot_form, self.grad = float(ot_margin), ot_form, grad
         self.eps_start, self.max_triplets = eps_start, max_triplets
+        self.ot_compile = ot_compile
         # Cosine costs have a known span, so the solver's method is fixed without a host sync.
-        self.method = "kernel" if COSINE_COST_SPAN / self.eps <= KERNEL_SPAN_LIMIT[torch.float32] else "lse"
+        small_span = COSINE_COST_SPAN / self.eps <= KERNEL_SPAN_LIMIT[torch.float32]
+        self.method = "scaling" if small_span else "lse"
+        self.loop = OT_COMPILE[ot_compile] if small_span else "eager"
         self.last: Dict[str, torch.Tensor | float] = {}
 
     def forward(
@@ -98,14 +110,18 @@ class OTFaceTerm(torch.nn.Module):
                 raise ValueError(
                     f"conv features must be (B, C, H, W) with B={labels.shape[0]}, got {tuple(features.shape)}"
                 )
-        a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
-        a, p, n = self._cap(embeddings, a, p, n)
-        device = embeddings.device
-        zero = torch.zeros((), device=device)
-        # the count is on the host already (mining synchronised): no device copy per step
-        self.last = {"triplets": float(a.numel()), "w_ap": zero, "w_an": zero}
-        if a.numel() == 0:
-            return zero
+        zero = torch.zeros((), device=embeddings.device)
+        if self.ot_compile == "none":
+            a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
+            a, p, n = self._cap(embeddings, a, p, n)
+            mask = None
+            # the count is on the host already (mining synchronised): no device copy per step
+            self.last = {"triplets": float(a.numel()), "w_ap": zero, "w_an": zero}
+            if a.numel() == 0:
+                return zero
+        else:
+            a, p, n, mask = self._mine_fixed(embeddings, labels, logits)
+            self.last = {"triplets": mask.sum(), "w_ap": zero, "w_an": zero}
 
         # Normalise once per image, then one batched cost for the (a, p) and (a, n) problems.
         if self.feature == "conv":
@@ -115,13 +131,43 @@ class OTFaceTerm(torch.nn.Module):
             e = _unit_float(embeddings)
             sources, targets = torch.stack([e[a], e[a]]), torch.stack([e[p], e[n]])
         cost = cosine_cost(sources, targets, normalize=False)
-        w = sinkhorn(cost, eps=self.eps, iters=self.iters, grad=self.grad,
-                     eps_start=self.eps_start, method=self.method).cost
+        weights = None
+        if mask is not None and self.feature == "embedding":
+            # one problem over the selected anchors: padded slots weigh 0 (uniform when none is)
+            count = mask.sum()
+            weights = torch.where(count > 0, mask / count.clamp(min=1.0), torch.full_like(mask, 1.0 / mask.numel()))
+            weights = weights.expand(2, -1)
+            mask = (count > 0).float().view(1)
+        w = sinkhorn(cost, weights, weights, eps=self.eps, iters=self.iters, grad=self.grad,
+                     eps_start=self.eps_start, method=self.method, loop=self.loop).cost
         w_ap, w_an = w.chunk(2)
         gap = w_ap - w_an + self.ot_margin
         per_triplet = F.relu(gap) if self.ot_form == "hinge" else F.softplus(gap)
-        self.last.update(w_ap=w_ap.detach().mean(), w_an=w_an.detach().mean())
-        return per_triplet.mean()
+        if mask is None:
+            self.last.update(w_ap=w_ap.detach().mean(), w_an=w_an.detach().mean())
+            return per_triplet.mean()
+        count = mask.sum().clamp(min=1.0)  # embedding: the one problem, or none
+        self.last.update(w_ap=(w_ap.detach() * mask).sum() / count, w_an=(w_an.detach() * mask).sum() / count)
+        return (per_triplet * mask).sum() / count
+
+    @torch.no_grad()
+    def _mine_fixed(self, embeddings, labels, logits):
+        """Every anchor as a triplet slot and a float mask of the ones :func:`mine_triplets`
+        selects (same rule, no ``nonzero``: no host sync); ``max_triplets`` keeps that many slots,
+        the most violating selected ones first."""
+        x = F.normalize(embeddings.detach().float(), dim=1)
+        S = x @ x.t()
+        p, n, select = hardest_pairs(S, labels)
+        a = torch.arange(S.shape[0], device=S.device)
+        violation = S[a, n] - S[a, p]
+        if self.triplet_mode == "hard":
+            select = select & (S[a, n] + self.triplet_margin > S[a, p])
+        elif self.triplet_mode == "misclassified":
+            select = select & _misclassified_mask(labels, logits, None)
+        if self.max_triplets is not None and self.max_triplets < S.shape[0]:
+            keep = torch.where(select, violation, torch.full_like(violation, -math.inf)).topk(self.max_triplets).indices
+            a, p, n, select = a[keep], p[keep], n[keep], select[keep]
+        return a, p, n, select.float()
 
     def _cap(self, embeddings, a, p, n):
         """Keep the ``max_triplets`` most violating triplets (memory bound for huge batches)."""
