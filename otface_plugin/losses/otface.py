@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
-from otface_plugin.mining import TRIPLET_MODES, mine_triplets
+from otface_plugin.mining import TRIPLET_MODES, mine_triplets, require_finite
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
 from otface_plugin.registry import register_loss
 
@@ -96,6 +96,8 @@ class OTFaceTerm(torch.nn.Module):
                 raise ValueError(
                     f"conv features must be (B, C, H, W) with B={labels.shape[0]}, got {tuple(features.shape)}"
                 )
+        if self.feature == "conv":  # NaN/inf is an error (mining checks the embeddings)
+            require_finite("conv features", features)
         a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
         a, p, n = self._cap(embeddings, a, p, n)
         device = embeddings.device
