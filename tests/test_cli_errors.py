@@ -72,3 +72,11 @@ def test_train_bad_configs_are_one_line(upstream_checkout, train_python, config,
     lines = [line for line in r.stderr.splitlines() if line.startswith("otface-train")]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_install_on_a_wrong_directory_is_one_line(tmp_path, capsys):
+    from otface_plugin.arcface_torch import installer
+
+    assert installer.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("otface-install: refused: ") and "has no train_v2.py" in err
