@@ -30,17 +30,19 @@ setup(
         "otface_plugin.configs": ["*.py", "*.yaml", "*.yml", "*.md"],
     },
     include_package_data=False,
+    # Floors = the versions .ci/lowest_deps.sh runs the tests with (.ci/lowest-deps.txt; a test
+    # keeps the two equal). torch is not varied there: tested with 2.13.0 and 2.14.1.
     install_requires=[
         "torch>=2.1",
-        "numpy>=1.21",
-        "pillow>=9",
+        "numpy>=1.23.2",
+        "pillow>=9.2",
         "tqdm>=4.60",
-        "pyyaml>=5.4",
-        "easydict>=1.9",
+        "pyyaml>=6.0",
+        "easydict>=1.12",  # 1.9-1.11 turn tuples (margin_list) into lists
     ],
     extras_require={
-        "test": ["pytest>=7", "pot>=0.9.6", "geomloss>=0.2.6", "matplotlib>=3.5"],
-        "bench": ["pot>=0.9.6", "geomloss>=0.2.6", "matplotlib>=3.5"],
+        "test": ["pytest>=7.0", "pot>=0.9.7", "geomloss>=0.2.6", "matplotlib>=3.6"],  # pot 0.9.6: solve_batch(solver=)
+        "bench": ["pot>=0.9.7", "geomloss>=0.2.6", "matplotlib>=3.6"],
     },
     entry_points={
         "console_scripts": [

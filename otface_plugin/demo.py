@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from otface_plugin import build_loss
+from otface_plugin import available_losses, build_loss
 from otface_plugin.features import FeatureCapture
+from otface_plugin.mining import NonFiniteError
 
 IMAGE = 32
 
@@ -104,7 +106,10 @@ def run(args: argparse.Namespace) -> dict:
     options = dict(num_classes=args.identities, embedding_size=args.embedding_size, s=args.scale)
     if args.loss == "otface":
         options.update(lambda_ot=args.lambda_ot, warmup_steps=args.steps // 10)
-    loss_fn = build_loss(args.loss, **options)
+    try:
+        loss_fn = build_loss(args.loss, **options)
+    except (TypeError, ValueError) as exc:  # a registered loss that takes other options
+        raise DemoError(f"loss {args.loss!r} cannot be built from the demo's options: {exc}") from None
     opt = torch.optim.SGD(list(net.parameters()) + list(loss_fn.parameters()), lr=args.lr, momentum=0.9,
                           weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / args.steps)
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         opt.step()
         sched.step()
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+            raise DemoError(f"loss became {loss.item()} at step {step}; try a lower --lr")
         if step % args.log_every == 0 or step == 1:
             if args.loss == "otface":
                 c = loss_fn.components()
@@ -140,6 +145,16 @@ def run(args: argparse.Namespace) -> dict:
     print(f"held-out verification accuracy: {before:.3f} before training -> {after:.3f} after "
           f"({elapsed:.1f} s, {1000 * elapsed / args.steps:.1f} ms/step)")
     return {"accuracy_before": before, "accuracy_after": after, "seconds": elapsed}
+
+
+class DemoError(Exception):
+    """An expected failure: reported as one line, exit status 1."""
+
+
+def _usage_error(message: str):
+    # one line, no usage dump: the option is named in the message
+    print(f"otface-demo: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,17 +173,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.loss = args.loss.strip().lower()
+    if args.loss not in available_losses():
+        _usage_error(f"--loss {args.loss!r} is not a registered loss; registered losses: {', '.join(available_losses())}")
+    for option, value, least in (("--steps", args.steps, 1), ("--log-every", args.log_every, 1),
+                                 ("--identities", args.identities, 2), ("--held-out", args.held_out, 2),
+                                 ("--pairs", args.pairs, 2), ("--embedding-size", args.embedding_size, 1)):
+        if value < least:
+            _usage_error(f"{option} must be at least {least}, got {value}")
+    for option, value in (("--lr", args.lr), ("--scale", args.scale)):
+        if not (math.isfinite(value) and value > 0):
+            _usage_error(f"{option} must be a positive number, got {value}")
+    if not (math.isfinite(args.lambda_ot) and args.lambda_ot >= 0):
+        _usage_error(f"--lambda-ot must be a number >= 0, got {args.lambda_ot}")
     if args.P < 2 or args.K < 2:
-        p.error("-P and -K must be at least 2: OTFace needs positives and negatives in every batch")
+        _usage_error("-P and -K must be at least 2: OTFace needs positives and negatives in every batch")
     if args.P > args.identities:
-        p.error(f"-P {args.P} exceeds --identities {args.identities}")
+        _usage_error(f"-P {args.P} exceeds --identities {args.identities}")
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Exit status: 0 done, 1 the run failed (diverged, non-finite features), 2 bad options."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DemoError, NonFiniteError) as exc:
+        print(f"otface-demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

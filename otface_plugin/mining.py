@@ -3,6 +3,10 @@
 For each anchor with a positive in the batch, the hardest positive is the least similar sample
 of the same label and the hardest negative the most similar sample of another label (batch-hard
 mining, Hermans et al. 2017, "In Defense of the Triplet Loss").
+
+Label ``-1`` (``IGNORE_LABEL``) marks a sample without an identity, as the margin heads and
+PartialFC read it: it is never an anchor, a positive or a negative. Non-finite embeddings are
+an error (:class:`NonFiniteError`), not a silently wrong triplet choice.
 """
 from __future__ import annotations
 
@@ -10,9 +14,28 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mine_triplets", "hardest_pairs", "TRIPLET_MODES"]
+__all__ = ["mine_triplets", "hardest_pairs", "require_finite", "NonFiniteError", "TRIPLET_MODES", "IGNORE_LABEL"]
 
 TRIPLET_MODES = ("hard", "all", "misclassified")
+IGNORE_LABEL = -1  # "no identity here", as in the margin heads and PartialFC
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """NaN or inf in the inputs of the OT term: the loss would be NaN without saying why."""
+
+
+def require_finite(name: str, x: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming ``name``, the count and the first samples when ``x``
+    (first dim = batch) holds NaN or inf. One host synchronisation."""
+    finite = torch.isfinite(x.detach())
+    if bool(finite.all()):
+        return
+    bad_rows = torch.nonzero(~finite.reshape(finite.shape[0], -1).all(dim=1)).view(-1).tolist()
+    raise NonFiniteError(
+        f"{name} hold {int((~finite).sum())} NaN/inf values of {x.numel()} (batch samples "
+        f"{bad_rows[:8]}{' ...' if len(bad_rows) > 8 else ''}): the loss would be NaN; "
+        "check the learning rate, the input images and fp16 overflow"
+    )
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -22,14 +45,20 @@ def hardest_pairs(similarity: torch.Tensor, labels: torch.Tensor):
     """Hardest positive / negative per anchor on a (B, B) similarity matrix.
 
     Returns ``(positive, negative, valid)``: (B,) indices and a (B,) mask of anchors that have
-    both a positive (same label, other sample) and a negative in the batch.
+    both a positive (same label, other sample) and a negative in the batch. Samples labelled
+    ``IGNORE_LABEL`` take no part: never valid anchors, never chosen as positive or negative.
     """
     B = similarity.shape[0]
     labels = labels.view(-1)
+    if B == 0:  # argmin over an empty dim raises; an empty batch simply has no triplets
+        empty = torch.zeros(0, dtype=torch.long, device=similarity.device)
+        return empty, empty, torch.zeros(0, dtype=torch.bool, device=similarity.device)
+    known = labels != IGNORE_LABEL
+    both = known[:, None] & known[None, :]
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(B, dtype=torch.bool, device=similarity.device)
-    pos_mask = same & ~eye
-    neg_mask = ~same
+    pos_mask = same & ~eye & both
+    neg_mask = ~same & both
     S = similarity.float()
     positive = torch.where(pos_mask, S, torch.full_like(S, float("inf"))).argmin(dim=1)
     negative = torch.where(neg_mask, S, torch.full_like(S, float("-inf"))).argmax(dim=1)
@@ -50,7 +79,7 @@ def mine_triplets(
 
     Args:
         embeddings: (B, D) embeddings; cosine similarity is taken on their L2-normalised form.
-        labels: (B,) identity labels.
+        labels: (B,) identity labels; ``-1`` samples are ignored.
         mode: ``"hard"``: triplets with ``S[a, n] + margin > S[a, p]``; ``"all"``: every anchor
             with a positive; ``"misclassified"``: anchors whose target logit is not the largest
             (needs ``logits`` (B, num_classes) indexed by ``labels``, or a ``misclassified``
@@ -59,7 +88,10 @@ def mine_triplets(
 
     Returns:
         Three (T,) int64 index tensors; empty when the batch has no qualifying anchor (for
-        example when no label occurs twice).
+        example when no label occurs twice, or the batch is empty).
+
+    Raises:
+        NonFiniteError: the embeddings hold NaN or inf.
     """
     if mode not in TRIPLET_MODES:
         raise ValueError(f"triplet mode must be one of {TRIPLET_MODES}, got {mode!r}")
@@ -68,6 +100,7 @@ def mine_triplets(
     labels = labels.view(-1)
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
+    require_finite("embeddings", embeddings)
 
     x = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
     S = x @ x.t()
@@ -93,8 +126,10 @@ def _misclassified_mask(labels, logits, misclassified):
         raise ValueError("triplet mode 'misclassified' needs logits (B, num_classes) or a misclassified mask")
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"logits must be (B, num_classes) with B={labels.shape[0]}, got {tuple(logits.shape)}")
-    target = logits.gather(1, labels.long().view(-1, 1)).squeeze(1)
+    # -1 samples are never anchors (hardest_pairs); any column keeps their gather in range
+    index = labels.long().clamp(min=0).view(-1, 1)
+    target = logits.gather(1, index).squeeze(1)
     # Ties count as correct: only a strictly larger other logit misclassifies.
     others = logits.detach().clone()
-    others.scatter_(1, labels.long().view(-1, 1), float("-inf"))
+    others.scatter_(1, index, float("-inf"))
     return others.amax(dim=1) > target

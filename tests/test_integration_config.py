@@ -182,3 +182,47 @@ def _plain(v):
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     return v
+
+
+# ---- issue 9 case 7: python config types, one identity per batch --------------------------------
+@pytest.mark.parametrize("key, value, what", [
+    ("batch_size", "16", "an integer, got str '16'"),
+    ("lr", "0.1", "a number, got str '0.1'"),
+    ("fp16", 1, "true or false, got int 1"),
+    ("num_instances", 4.0, "an integer, got float 4.0"),
+])
+def test_python_config_wrong_type_names_the_key(key, value, what):
+    # a python config is not checked on load as YAML is: batch_size = "16" was a bare TypeError
+    for loss in (None, "otface"):
+        cfg = base_config()
+        cfg.loss, cfg[key] = loss, value
+        with pytest.raises(ConfigError, match=f"^config: key '{key}' must be {what}$"):
+            prepare_config(cfg)
+
+
+def test_python_config_own_keys_and_null_plugin_keys_are_left_alone():
+    cfg = base_config()
+    cfg.my_own_key, cfg.otface, cfg.sampler = object(), None, None
+    prepare_config(cfg)
+
+
+@pytest.mark.parametrize("loss", ["otface", "arcface"])
+def test_one_identity_per_batch_is_rejected(loss):
+    cfg = base_config()
+    cfg.loss, cfg.sampler, cfg.batch_size, cfg.num_instances = loss, "pk", 8, 8
+    with pytest.raises(ConfigError, match="batch_size 8 equals num_instances 8: every P x K batch would hold one "
+                                          "identity.*OT term is always 0"):
+        prepare_config(cfg)
+    cfg.batch_size = 16
+    assert prepare_config(cfg).num_instances == 8
+
+
+def test_sampler_rejects_one_identity_per_batch():
+    import numpy as np
+
+    from otface_plugin.data import IdentityIndex, PKSampler
+
+    index = IdentityIndex.from_labels(np.repeat(np.arange(10), 8))
+    with pytest.raises(ValueError, match=r"batch_size \(8\) equals num_instances K: each batch would hold one identity"):
+        PKSampler(index, batch_size=8, num_instances=8, num_replicas=1, rank=0)
+    assert len(PKSampler(index, batch_size=16, num_instances=8, num_replicas=1, rank=0)) > 0

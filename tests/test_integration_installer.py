@@ -181,3 +181,126 @@ def test_wheel_route_in_a_fresh_environment(checkout, tmp_path):
     r = subprocess.run([str(exe), str(checkout), "--revert"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert snapshot(checkout) == before
+
+
+# ---- issue 9 cases 4 and 5: file modes, temp files of a killed run, permission problems -------
+def mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(checkout, umask):
+    (checkout / "train_v2.py").chmod(0o750)
+    (checkout / "dataset.py").chmod(0o604)
+    r = subprocess.run([sys.executable, str(REPO / "install_plugin.py"), str(checkout)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=lambda: os.umask(umask))
+    assert r.returncode == 0, r.stderr
+    created = [checkout / installer.MANIFEST, *(checkout / rel for rel in installer.plan_revert(checkout).writes
+                                                if rel.startswith("configs/"))]
+    assert len(created) > 10
+    assert {p.name: mode(p) for p in created} == {p.name: 0o666 & ~umask for p in created}
+    assert mode(checkout / "train_v2.py") == 0o750 and mode(checkout / "dataset.py") == 0o604
+
+
+KILL_AT_RENAME = """
+import os, signal, sys
+from otface_plugin.arcface_torch import installer
+real, calls = os.replace, []
+def replace(src, dst):  # SIGKILL just before the Nth rename: the temp file is written, not renamed
+    calls.append(dst)
+    if len(calls) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+installer.os.replace = replace
+installer.main(sys.argv[1:2] + sys.argv[3:])
+"""
+
+
+def kill_during(checkout, nth, *args):
+    r = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, str(checkout), str(nth), *args],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == -9, r.stderr
+    return sorted(str(p.relative_to(checkout)) for p in checkout.rglob(f"*{installer.TEMP_SUFFIX}"))
+
+
+def test_killed_install_and_revert_leave_temp_files_the_next_run_removes(checkout):
+    before = snapshot(checkout)
+    left = kill_during(checkout, 3)  # dataset.py, eval/verification.py renamed; lr_scheduler.py's temp left
+    assert len(left) == 1 and left[0].startswith(".lr_scheduler.py.")
+    assert installer.check(checkout)[0] == "partially installed"
+    r = run_cli(checkout, "--dry-run")
+    assert r.returncode == 0 and f"would remove {left[0]}" in r.stdout
+    r = run_cli(checkout)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {left[0]} (left by an interrupted run)" in r.stdout
+    assert not list(checkout.rglob(f"*{installer.TEMP_SUFFIX}"))
+    assert installer.check(checkout)[0] == "installed"
+
+    left = kill_during(checkout, 7, "--revert")  # the 7th rename is utils/utils_config.py
+    assert len(left) == 1 and left[0].startswith("utils/.utils_config.py.")
+    r = run_cli(checkout, "--revert")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {left[0]}" in r.stdout
+    assert snapshot(checkout) == before  # byte for byte, no temp file
+
+
+def test_stale_temp_file_is_removed_when_already_installed(checkout):
+    installer.install(checkout)
+    stale = checkout / "configs" / ".ms1mv3_r50_otface.py.x1y2.otface-tmp"
+    stale.write_bytes(b"half")
+    theirs = checkout / "configs" / "notes.otface-tmp.txt"  # not ours: kept
+    theirs.write_bytes(b"mine")
+    r = run_cli(checkout)
+    assert r.returncode == 0 and "already installed" in r.stdout and "removed configs/.ms1mv3" in r.stdout
+    assert not stale.exists() and theirs.exists()
+
+
+@pytest.mark.parametrize("action", ["install", "revert"])
+def test_read_only_utils_is_a_one_line_error_saying_what_was_put_back(checkout, monkeypatch, capsys, action):
+    """Simulated with a monkeypatched tempfile.mkstemp raising PermissionError for utils/ (the
+    tests run as root, which ignores permission bits); test_read_only_utils_for_real checks the
+    same with chmod where the tests do not run as root."""
+    import errno
+    import tempfile
+
+    if action == "revert":
+        installer.install(checkout)
+    before = snapshot(checkout)
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir).name == "utils":
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(installer.tempfile, "mkstemp", mkstemp)
+    rc = installer.main([str(checkout)] + (["--revert"] if action == "revert" else []))
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert err.count("\n") == 1 and "Traceback" not in err and "could not restore" not in err.lower()
+    assert err.startswith("otface-install: failed: cannot write utils/utils_config.py: Permission denied; "
+                          "put back dataset.py, eval/verification.py, lr_scheduler.py, partial_fc_v2.py, "
+                          "torch2onnx.py, train_v2.py: ")
+    assert err.rstrip().endswith("is as it was")
+    assert snapshot(checkout) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits (see the simulated test above)")
+def test_read_only_utils_for_real(checkout):
+    before = snapshot(checkout)
+    (checkout / "utils").chmod(0o555)
+    try:
+        r = run_cli(checkout)
+    finally:
+        (checkout / "utils").chmod(0o755)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "cannot write utils/utils_config.py" in r.stderr
+    assert snapshot(checkout) == before
+
+
+def test_failure_on_the_first_file_says_nothing_was_changed(checkout, monkeypatch):
+    before = snapshot(checkout)
+    monkeypatch.setattr(installer.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(installer.InstallFailed, match=r"^cannot write dataset.py: No space left; no file had been "
+                                                      r"changed yet: .* is as it was$"):
+        installer.install(checkout)
+    assert snapshot(checkout) == before

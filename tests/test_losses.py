@@ -160,6 +160,45 @@ def test_no_triplets_gives_zero_not_nan():
     assert c["ot"] == 0.0 and c["triplets"] == 0 and torch.isfinite(emb.grad).all()
 
 
+def test_ignored_labels_take_no_part_in_the_ot_term():
+    # issue 9 case 3: -1 samples were mined as each other's positives; a batch of only -1 was NaN
+    torch.manual_seed(3)
+    emb, feats = torch.randn(8, 16), torch.randn(8, 4, 2, 2)
+    labels = torch.tensor([0, 0, 1, 1, -1, -1, -1, -1])
+    term = OTFaceTerm(triplet_mode="all", ot_margin=0.5)
+    value = term(emb, labels, feats)
+    assert term.last["triplets"] == 4
+    # the -1 samples' features do not matter: change them, same value
+    feats2 = feats.clone()
+    feats2[4:] = torch.randn(4, 4, 2, 2)
+    torch.testing.assert_close(term(emb, labels, feats2), value)
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, lambda_ot=1.0, triplet_mode="all")
+    emb = torch.randn(8, 16, requires_grad=True)
+    loss = loss_fn(emb, torch.full((8,), -1), features=feats)
+    loss.backward()
+    c = loss_fn.components()
+    assert c["ot"] == 0.0 and c["triplets"] == 0 and c["loss"] == 0.0 and torch.isfinite(emb.grad).all()
+
+
+def test_empty_batch_gives_zero():
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, triplet_mode="all")
+    emb = torch.zeros(0, 16, requires_grad=True)
+    loss = loss_fn(emb, torch.zeros(0, dtype=torch.long), features=torch.zeros(0, 4, 2, 2))
+    loss.backward()
+    assert loss.item() == 0.0 and loss_fn.components()["ot"] == 0.0
+
+
+@pytest.mark.parametrize("where", ["embeddings", "conv features"])
+def test_non_finite_inputs_are_a_clear_error(where):
+    from otface_plugin.mining import NonFiniteError
+
+    emb, feats = torch.randn(8, 16), torch.randn(8, 4, 2, 2)
+    (emb if where == "embeddings" else feats)[6].view(-1)[0] = float("nan")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16)
+    with pytest.raises(NonFiniteError, match=rf"^{where} hold 1 NaN/inf values .*batch samples \[6\]"):
+        loss_fn(emb, torch.arange(4).repeat_interleave(2), features=feats)
+
+
 def test_embedding_feature_mode():
     loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding", triplet_mode="all", lambda_ot=1.0)
     emb = torch.randn(16, 16, requires_grad=True)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from otface_plugin.mining import mine_triplets
+from otface_plugin.mining import NonFiniteError, mine_triplets
 
 
 def unit(angles_deg):
@@ -71,3 +71,43 @@ def test_runs_without_grad_and_rejects_bad_input():
         mine_triplets(emb, labels, mode="semi-hard")
     with pytest.raises(ValueError, match="labels"):
         mine_triplets(emb, labels[:5])
+
+
+def test_ignored_label_is_never_anchor_positive_or_negative():
+    # issue 9 case 3: -1 ("no identity here") samples were each other's positives
+    torch.manual_seed(1)
+    emb = torch.randn(10, 8)
+    labels = torch.tensor([-1, -1, -1, 0, 0, 1, 1, -1, 2, 2])
+    for mode in ("all", "hard"):
+        a, p, n = mine_triplets(emb, labels, mode=mode, margin=2.1)
+        used = torch.cat([a, p, n])
+        assert a.numel() > 0 and not (labels[used] == -1).any(), mode
+    a, p, n = mine_triplets(emb, labels, mode="all")
+    assert sorted(a.tolist()) == [3, 4, 5, 6, 8, 9]
+    # a -1 sample that is the closest to an anchor is still not its hardest negative
+    emb = unit([0, 30, 1, 100, 130])
+    a, p, n = mine_triplets(emb, torch.tensor([0, 0, -1, 1, 1]), mode="all")
+    assert dict(zip(a.tolist(), n.tolist()))[0] == 3
+
+
+def test_ignored_labels_with_misclassified_mode():
+    emb = unit([0, 10, 90, 100, 50])
+    labels = torch.tensor([0, 0, 1, 1, -1])
+    logits = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.7, 0.3], [0.5, 0.5]])
+    a, _, n = mine_triplets(emb, labels, mode="misclassified", logits=logits)
+    assert a.tolist() == [1, 3] and 4 not in n.tolist()
+
+
+def test_only_ignored_labels_and_empty_batch_give_no_triplets():
+    a, _, _ = mine_triplets(torch.randn(6, 8), torch.full((6,), -1), mode="all")
+    assert a.numel() == 0
+    a, p, n = mine_triplets(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), mode="all")
+    assert a.numel() == p.numel() == n.numel() == 0 and a.dtype == torch.int64
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_embeddings_are_an_error(bad):
+    emb = torch.randn(8, 4)
+    emb[5, 2] = bad
+    with pytest.raises(NonFiniteError, match=r"embeddings hold 1 NaN/inf values of 32 \(batch samples \[5\]\)"):
+        mine_triplets(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))

@@ -5,7 +5,7 @@ import torch
 
 from otface_plugin.ot import cosine_cost, sinkhorn
 
-ot = pytest.importorskip("ot", reason="POT is the reference solver (pip install pot>=0.9.6)")
+ot = pytest.importorskip("ot", reason="POT is the reference solver (pip install pot>=0.9.7)")
 import ot.batch  # noqa: E402
 
 

@@ -295,10 +295,12 @@ def build_otface_loss(margin_loss, options: Mapping[str, Any]):
 def prepare_config(cfg: Any) -> Any:
     """Check the plugin's keys and resolve them, for python and YAML configs alike.
 
-    Leaves a config without ``loss``/``sampler``/``otface`` untouched. ``loss`` must be a
-    registered loss (else the registry's error); ``arcface``/``cosface`` (and ``otface`` through
-    ``otface.margin``) set ``margin_list`` to that margin unless it already is of that kind.
+    Leaves a config without ``loss``/``sampler``/``otface`` untouched (but type-checked, see
+    :func:`check_value_types`). ``loss`` must be a registered loss (else the registry's error);
+    ``arcface``/``cosface`` (and ``otface`` through ``otface.margin``) set ``margin_list`` to that
+    margin unless it already is of that kind.
     """
+    check_value_types(cfg)
     loss = cfg.get("loss")
     if loss is None:
         if cfg.get("otface") is not None:
@@ -325,6 +327,15 @@ def prepare_config(cfg: Any) -> Any:
     check_head_options(cfg)
     _resolve_sampler(cfg, name)
     return cfg
+
+
+def check_value_types(cfg: Mapping[str, Any], where: str = "config") -> None:
+    """The known keys' value types, for python configs too (YAML jobs are checked on load): a
+    ``batch_size = "16"`` is an error naming the key, not a TypeError deep in train_v2.py. Keys
+    this module does not know are left alone: python configs may carry their own."""
+    for key, (types, what) in KNOWN_KEYS.items():
+        if key in cfg and not (key in PLUGIN_KEYS and cfg[key] is None):
+            _check_type(where, key, cfg[key], types, what)
 
 
 def _check_loss_name(loss: Any) -> str:
@@ -383,6 +394,12 @@ def _resolve_sampler(cfg: Any, loss: Optional[str]) -> None:
             raise ConfigError(f"key 'num_instances' must be an integer >= 2 (images per identity), got {k!r}")
         if cfg.batch_size % k:
             raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of num_instances {k}")
+        if cfg.batch_size == k:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} equals num_instances {k}: every P x K batch would hold one "
+                "identity, so mining finds no negative and the OT term is always 0; use a batch_size of "
+                "at least 2 * num_instances"
+            )
         if cfg.get("dali"):
             raise ConfigError("sampler 'pk' does not work with dali: true (DALI reads the .rec itself)")
         cfg.num_instances = k

@@ -7,8 +7,12 @@ pinned upstream version and refuses, naming the files that differ. It writes all
 (a failure half-way puts back every file it had written), a second run reports "already
 installed", and --revert restores the upstream files byte for byte. The example configs are
 copied into the checkout's configs/ and listed in a manifest, so --revert removes exactly those.
+New files get the mode the umask gives (0666 minus the umask), files it replaces keep theirs.
+Temp files (``.NAME.*.otface-tmp``) a killed run left beside the files it writes are removed
+by the next install or revert.
 
-Exit status: 0 done / installed, 1 not installed (--check), 2 refused.
+Exit status: 0 done / installed, 1 not installed (--check), 2 refused (nothing changed),
+3 failed on a file system error (the message says what was put back).
 """
 from __future__ import annotations
 
@@ -35,11 +39,16 @@ from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS, UPSTREAM_COMMIT, UP
 from otface_plugin.arcface_torch.shipped import shipped_dir
 
 MANIFEST = ".otface_plugin_install.json"
+TEMP_SUFFIX = ".otface-tmp"
 PRISTINE, PATCHED, MODIFIED, MISSING = "pristine", "patched", "modified", "missing"
 
 
 class InstallRefused(RuntimeError):
     """The checkout is not one the patches can be applied to (or reverted from)."""
+
+
+class InstallFailed(OSError):
+    """A write failed half-way; the message says what was put back (and what could not be)."""
 
 
 @dataclass
@@ -197,43 +206,104 @@ def _check_root(root: Path) -> Path:
 
 
 def execute(root: Path, plan: Plan) -> None:
-    """Write the plan all or nothing: on any failure every file already written is put back."""
+    """Write the plan all or nothing: on any failure every file already written is put back.
+
+    An ``OSError`` becomes :class:`InstallFailed`, whose one-line message names the file that
+    failed and the files put back; a file is "put back" only if it had changed, and "could not
+    restore" is said only of a file that still differs from its old bytes.
+    """
     root = Path(root).resolve()
-    done: List[Tuple[Path, Optional[bytes], Optional[int]]] = []  # path, old bytes, old mode
+    done: List[Tuple[str, Optional[bytes], Optional[int]]] = []  # rel, old bytes, old mode
+    rel = ""
     try:
         for rel, data in plan.writes.items():
             path = root / rel
             old = path.read_bytes() if path.exists() else None
             mode = path.stat().st_mode if path.exists() else None
-            done.append((path, old, mode))
+            done.append((rel, old, mode))  # before the write: a write interrupted after its rename is undone too
             if data is None:
                 path.unlink()
             else:
                 _atomic_write(path, data, mode)
-    except BaseException:
-        for path, old, mode in reversed(done):
-            try:
-                if old is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    _atomic_write(path, old, mode)
-            except OSError as exc:  # report, keep restoring the rest
-                print(f"otface-install: could not restore {path}: {exc}", file=sys.stderr)
-        raise
+    except BaseException as exc:
+        restored, failed = _roll_back(root, done)
+        if not isinstance(exc, OSError):  # e.g. KeyboardInterrupt: re-raised as it is
+            for f in failed:
+                print(f"otface-install: could not restore {f}", file=sys.stderr)
+            raise
+        what = "remove" if plan.writes.get(rel, b"") is None else "write"
+        msg = f"cannot {what} {rel}: {exc.strerror or exc}"
+        msg += f"; put back {', '.join(restored)}" if restored else "; no file had been changed yet"
+        if failed:
+            msg += f"; could NOT restore {'; '.join(failed)}: compare them with upstream"
+        else:
+            msg += f": {root} is as it was"
+        raise InstallFailed(msg) from exc
+
+
+def _roll_back(root: Path, done) -> Tuple[List[str], List[str]]:
+    """Put back what ``execute`` changed; returns (restored, could-not-restore) relative paths."""
+    restored, failed = [], []
+    for rel, old, mode in reversed(done):
+        path = root / rel
+        try:
+            if _unchanged(path, old, mode):
+                continue  # never written (the failing file itself, usually): nothing to put back
+            if old is None:
+                path.unlink()
+            else:
+                _atomic_write(path, old, mode)
+            restored.append(rel)
+        except OSError as exc:  # keep restoring the rest
+            failed.append(f"{rel} ({exc.strerror or exc})")
+    return restored[::-1], failed[::-1]
+
+
+def _unchanged(path: Path, old: Optional[bytes], mode: Optional[int]) -> bool:
+    if old is None:
+        return not path.exists()
+    return path.is_file() and path.stat().st_mode == mode and path.read_bytes() == old
+
+
+def _new_file_mode() -> int:
+    """What open(..., "w") would give a new file: 0666 minus the umask (mkstemp's is 0600)."""
+    umask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic_write(path: Path, data: bytes, mode: Optional[int]) -> None:
     # write beside the target and rename over it: a crash leaves the old or the new file, never half
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".otface-tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        if mode is not None:
-            os.chmod(tmp, mode & 0o7777)
+        os.chmod(tmp, (mode & 0o7777) if mode is not None else _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def stale_temp_files(root: Path) -> List[Path]:
+    """Temp files of ours that a killed install or revert left beside the files it writes."""
+    folders = {root, root / "configs", *((root / rel).parent for rel in UPSTREAM_BLOBS)}
+    found = []
+    for folder in sorted(folders):
+        if folder.is_dir():
+            found += [p for p in sorted(folder.glob(f".*{TEMP_SUFFIX}")) if p.is_file() and not p.is_symlink()]
+    return found
+
+
+def _clean_temp_files(root: Path, plan: Plan, dry_run: bool) -> None:
+    root = Path(root).expanduser().resolve()
+    for tmp in stale_temp_files(root):
+        rel = tmp.relative_to(root)
+        if dry_run:
+            plan.notes.append(f"would remove {rel} (left by an interrupted run)")
+        else:
+            tmp.unlink(missing_ok=True)
+            plan.notes.append(f"removed {rel} (left by an interrupted run)")
 
 
 def _describe(plan: Plan, verb: str) -> str:
@@ -248,6 +318,7 @@ def _describe(plan: Plan, verb: str) -> str:
 def install(root: Path, dry_run: bool = False, patch_names: Optional[Sequence[str]] = None,
             configs: bool = True) -> Plan:
     plan = plan_install(root, patch_names, configs)
+    _clean_temp_files(root, plan, dry_run)
     if not dry_run:
         execute(root, plan)
     return plan
@@ -255,6 +326,7 @@ def install(root: Path, dry_run: bool = False, patch_names: Optional[Sequence[st
 
 def revert(root: Path, dry_run: bool = False) -> Plan:
     plan = plan_revert(root)
+    _clean_temp_files(root, plan, dry_run)
     if not dry_run:
         execute(root, plan)
     return plan
@@ -308,6 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plan = revert(root, dry_run=args.dry_run)
             if not plan.writes:
                 print(f"nothing to revert in {Path(root).resolve()} (not installed)")
+                _print_notes(plan)
             else:
                 prefix = "would revert" if args.dry_run else "reverted"
                 print(f"{prefix} {Path(root).resolve()}:\n{_describe(plan, 'restore')}")
@@ -315,6 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = install(root, dry_run=args.dry_run)
         if not plan.writes:
             print(f"otface-plugin {otface_plugin.__version__} already installed in {Path(root).resolve()}")
+            _print_notes(plan)
         else:
             prefix = "would install" if args.dry_run else "installed"
             print(f"{prefix} otface-plugin {otface_plugin.__version__} in {Path(root).resolve()}:\n"
@@ -323,6 +397,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InstallRefused as exc:
         print(f"otface-install: refused: {exc}", file=sys.stderr)
         return 2
+    except InstallFailed as exc:
+        print(f"otface-install: failed: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:  # reading the checkout (planning): nothing was written yet
+        print(f"otface-install: failed: {exc}; nothing was changed", file=sys.stderr)
+        return 3
+
+
+def _print_notes(plan: Plan) -> None:
+    for note in plan.notes:
+        print(f"  {note}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ blob id: an unknown upstream version is refused, naming the files that differ.
 
 CONFIG is looked up like train_v2.py does (``configs/NAME`` in the checkout); the plugin's own
 example configs (``configs/ms1mv3_r50_otface`` ...) are found too, without copying them.
+
+Exit status: 0 done, 1 the run stopped on an expected failure (a missing file, NaN/inf
+features), 2 refused checkout or bad config; each is one line on stderr, not a traceback.
 """
 from __future__ import annotations
 
@@ -145,19 +148,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--run", metavar="SCRIPT", help="run this upstream script instead of train_v2.py; "
                         "the remaining arguments go to it")
     args, rest = parser.parse_known_args(argv)
+    if not args.run:
+        if not args.config:
+            parser.error("give a CONFIG (or --run SCRIPT)")
+        if rest:
+            parser.error(f"unknown arguments for train_v2.py: {' '.join(rest)}")
+    from otface_plugin.arcface_torch.config import ConfigError
+    from otface_plugin.mining import NonFiniteError
+    from otface_plugin.registry import UnknownLossError
+
     try:
         finder = prepare(args.arcface_root)
+        if args.run:
+            run_script(finder, args.run, ([args.config] if args.config else []) + rest)
+        else:
+            run_script(finder, "train_v2.py", [args.config])
     except RefusedCheckout as exc:
         print(f"otface-train: refused: {exc}", file=sys.stderr)
         return 2
-    if args.run:
-        run_script(finder, args.run, ([args.config] if args.config else []) + rest)
-        return 0
-    if not args.config:
-        parser.error("give a CONFIG (or --run SCRIPT)")
-    if rest:
-        parser.error(f"unknown arguments for train_v2.py: {' '.join(rest)}")
-    run_script(finder, "train_v2.py", [args.config])
+    except (ConfigError, UnknownLossError) as exc:
+        print(f"otface-train: bad config: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NonFiniteError) as exc:
+        print(f"otface-train: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # get_config imports configs.NAME; other imports keep their traceback
+        if not (exc.name or "").startswith("configs."):
+            raise
+        print(f"otface-train: bad config: no config {args.config} (looked for module {exc.name} in "
+              f"{Path(args.arcface_root).resolve() / 'configs'} and the plugin's example configs)", file=sys.stderr)
+        return 2
     return 0
 
 

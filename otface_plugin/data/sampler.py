@@ -63,6 +63,9 @@ class PKSampler(Sampler[int]):
         if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of "
                              f"num_instances K ({num_instances})")
+        if batch_size == num_instances:  # P = 1: no negatives in any batch, the OT term is always 0
+            raise ValueError(f"batch_size ({batch_size}) equals num_instances K: each batch would hold "
+                             "one identity (no negatives for mining); use batch_size >= 2 * K")
         if small_identities not in ("replace", "drop"):
             raise ValueError(f"small_identities must be 'replace' or 'drop', "
                              f"got {small_identities!r}")

@@ -115,7 +115,10 @@ class MarginSoftmaxLoss(torch.nn.Module):
                 cosine, labels, self.s, self.m1, self.m2, self.m3,
                 self.interclass_filtering_threshold, self.grad,
             )
-            return F.cross_entropy(logits, labels.view(-1).long(), ignore_index=-1)
+            labels = labels.view(-1).long()
+            # the mean over the labelled samples, 0 (not 0/0 = NaN) when all are -1 or the batch is empty
+            total = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
+            return total / (labels != -1).sum().clamp(min=1)
 
     def extra_repr(self) -> str:
         c, d = self.weight.shape

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
-from otface_plugin.mining import TRIPLET_MODES, _misclassified_mask, hardest_pairs, mine_triplets
+from otface_plugin.mining import TRIPLET_MODES, _misclassified_mask, hardest_pairs, mine_triplets, require_finite
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
 from otface_plugin.registry import register_loss
 
@@ -112,6 +112,8 @@ class OTFaceTerm(torch.nn.Module):
                 )
         zero = torch.zeros((), device=embeddings.device)
         if self.ot_compile == "none":
+            if self.feature == "conv":  # NaN/inf is an error (mining checks the embeddings)
+                require_finite("conv features", features)
             a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
             a, p, n = self._cap(embeddings, a, p, n)
             mask = None
