@@ -273,3 +273,16 @@ def test_components_go_to_the_recipes_wandb_run(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=None))  # using_wandb off
     log_components(head, 5, 1)
     assert len(calls) == 4
+
+
+def test_using_wandb_gets_the_notes_key_train_v2_passes_to_wandb():
+    """configs/base.py lacks `notes`, which train_v2.py's wandb.init reads: an otface job gets
+    notes=None (else upstream prints an error and trains without wandb); other losses are left
+    exactly as upstream."""
+    pytest.importorskip("easydict")
+    from easydict import EasyDict as edict
+
+    assert prepare_config(edict(batch_size=8, dali=False, loss="otface", using_wandb=True)).notes is None
+    assert prepare_config(edict(batch_size=8, dali=False, loss="otface", using_wandb=True, notes="x")).notes == "x"
+    assert "notes" not in prepare_config(edict(batch_size=8, dali=False, loss="arcface", using_wandb=True))
+    assert "notes" not in prepare_config(edict(batch_size=8, dali=False, loss="otface"))

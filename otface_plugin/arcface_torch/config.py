@@ -271,16 +271,16 @@ def prepare_config(cfg: Any) -> Any:
         return cfg
     name = _check_loss_name(loss)
     cfg.loss = name
-    if cfg.get("using_wandb") and "notes" not in cfg:
-        # train_v2.py passes cfg.notes to wandb.init, but configs/base.py does not define it: without
-        # this, using_wandb prints "WandB Data ... must be provided" and trains without wandb
-        cfg.notes = None
     if name == "otface":
         options = cfg.get("otface") or {}
         check_otface_options(options)
         cfg.otface = options
         _set_margin(cfg, options.get("margin", "arcface"))
         _note_fp16_without_cuda(cfg)
+        if cfg.get("using_wandb") and "notes" not in cfg:
+            # train_v2.py passes cfg.notes to wandb.init, but configs/base.py does not define it: without
+            # this, using_wandb prints "WandB Data ... must be provided" and trains without wandb
+            cfg.notes = None
     else:
         if cfg.get("otface") is not None:
             raise ConfigError(f"config sets 'otface' options but loss is {name!r}")

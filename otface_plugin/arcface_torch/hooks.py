@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -126,8 +127,6 @@ def log_components(head: torch.nn.Module, global_step: int, frequent: int, write
 def _wandb_run():
     """The wandb run train_v2.py opened (``using_wandb``), or None. wandb is not imported here:
     if the recipe did not import it, there is no run."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     return getattr(wandb, "run", None) if wandb is not None else None
 
