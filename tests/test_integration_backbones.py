@@ -286,3 +286,24 @@ def test_using_wandb_gets_the_notes_key_train_v2_passes_to_wandb():
     assert prepare_config(edict(batch_size=8, dali=False, loss="otface", using_wandb=True, notes="x")).notes == "x"
     assert "notes" not in prepare_config(edict(batch_size=8, dali=False, loss="arcface", using_wandb=True))
     assert "notes" not in prepare_config(edict(batch_size=8, dali=False, loss="otface"))
+
+
+def test_dali_needs_the_distributed_sampler():
+    """DALI reads the .rec itself (no torch sampler): `sampler: pk` is refused at start; with
+    `sampler: distributed` the job builds, get_dataloader gets no sampler factory and returns
+    the DALI iterator, whose batches go through the same head (DALI itself needs CUDA: not run)."""
+    pytest.importorskip("easydict")
+    from easydict import EasyDict as edict
+
+    from otface_plugin.arcface_torch import build_sampler
+
+    with pytest.raises(ConfigError, match="dali"):
+        prepare_config(edict(batch_size=8, dali=True, loss="otface"))
+    cfg = prepare_config(edict(batch_size=8, dali=True, loss="otface", sampler="distributed",
+                               otface={"layer": "stage2"}))
+    assert cfg.sampler == "distributed" and build_sampler(cfg) is None
+    net = OwnNet()
+    head = build_head(cfg, MarginSoftmaxLoss(2, 32), net)
+    labels = BATCH_LABELS.clone()  # DALIWarper's labels: (B,) long, squeezed in place
+    loss = head(net(torch.randn(8, 3, 112, 112)), labels)
+    assert torch.isfinite(loss) and head.components()["triplets"] > 0
