@@ -3,7 +3,7 @@ per backbone, the OT term takes conv maps and ViT token sets, checkpointed ViTs 
 and options the recipe cannot serve are refused when the config is loaded.
 
 The backbone tests build the pinned recipe's own `backbones.get_model` (ARCFACE_TORCH_DIR or the
-shared export, see conftest.py; imported read-only, nothing is patched) on the CPU; the ViTs
+shared export, see conftest.py; a copy is imported, nothing is patched) on the CPU; the ViTs
 need `timm` (run them with the training interpreter, /work/tvenv or `.ci/recipe_env.sh`).
 """
 import importlib.util
@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from conftest import UPSTREAM, needs_upstream
+from conftest import UPSTREAM, copy_upstream, needs_upstream
 from otface_plugin.arcface_torch import build_head, log_components, prepare_config
 from otface_plugin.arcface_torch.config import ConfigError, load_yaml_config
 from otface_plugin.arcface_torch.feature_layers import FEATURE_LAYERS, UnknownBackboneError, default_layer
@@ -49,9 +49,11 @@ def _param(net):
 
 
 @pytest.fixture(scope="module")
-def recipe_backbones():
-    """The pinned recipe's `backbones` package, imported under another name from its own files."""
-    init = UPSTREAM / "backbones" / "__init__.py"
+def recipe_backbones(tmp_path_factory):
+    """The pinned recipe's `backbones` package, imported under another name from a copy (the
+    pristine recipe is never written to, not even __pycache__)."""
+    root = copy_upstream(tmp_path_factory.mktemp("recipe") / "arcface_torch")
+    init = root / "backbones" / "__init__.py"
     spec = importlib.util.spec_from_file_location("recipe_backbones", init,
                                                   submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
