@@ -94,7 +94,8 @@ def feature_candidates(module: torch.nn.Module, input_shape: Sequence[int] = PRO
             handles.append(sub.register_forward_hook(hook))
     modes = {sub: sub.training for sub in module.modules()}
     param = next(module.parameters(), None)
-    x = torch.zeros(*input_shape, device=param.device if param is not None else None)
+    x = torch.zeros(*input_shape, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None and param.is_floating_point() else None)
     try:
         module.eval()
         with torch.no_grad():
