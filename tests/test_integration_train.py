@@ -64,8 +64,8 @@ def data(tmp_path_factory):
 
 
 
-def torchrun(py, root: Path, config: str, nproc: int, timeout: int, script=("train_v2.py",)):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def torchrun(py, root: Path, config: str, nproc: int, timeout: int, script=("train_v2.py",), env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     cmd = [py, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            *script, config]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -158,7 +158,7 @@ def _yaml_of(job_py: str) -> str:
 
 E2E_JOB = """\
 loss: otface
-network: mbf
+network: {network}
 output: null
 batch_size: 16
 num_instances: 4
@@ -166,39 +166,51 @@ optimizer: adamw
 lr: 0.001
 weight_decay: 0.1
 fp16: false
-verbose: 16
+verbose: {verbose}
 frequent: 1
 num_workers: 1
 save_all_states: true
 resume: {resume}
 rec: {rec}
 num_classes: {num_classes}
-num_image: 512
+num_image: {num_image}
 num_epoch: {epochs}
 warmup_epoch: 0
 val_targets: [heldout]
-otface:
-  layer: conv_sep
-  lambda_ot: 1.0
-  warmup_steps: 64
 """
+# Jobs with only `loss: otface` (no otface: block): the OT term's layer is chosen per backbone.
+# 2 processes x 16 images, so num_image / 32 steps per epoch; `epochs` epochs, then one more resumed.
+E2E_RUNS = {
+    "mbf": dict(steps_per_epoch=16, epochs=2, verify=True),  # 32 steps, .bin scored at 16 and 32
+    "vit_t": dict(steps_per_epoch=4, epochs=1, verify=False),  # ~10x the cost per step of mbf on CPU
+}
 
 
-@pytest.fixture(scope="module")
-def otface_run(tmp_path_factory, data, train_python):
-    """2 processes (gloo), OTFace, P x K = 4 x 4 per process, 16 steps per epoch: 2 epochs, then a
-    resumed third epoch from the checkpoint."""
-    root = copy_upstream(tmp_path_factory.mktemp("otface") / "arcface_torch")
+def e2e_job(network, data, resume, epochs):
+    run = E2E_RUNS[network]
+    return E2E_JOB.format(network=network, resume=resume, rec=data["rec"], num_classes=data["num_classes"],
+                          num_image=run["steps_per_epoch"] * 32, epochs=epochs,
+                          verbose=run["steps_per_epoch"] if run["verify"] else 10 ** 6)
+
+
+@pytest.fixture(scope="module", params=list(E2E_RUNS))
+def otface_run(request, tmp_path_factory, data, train_python):
+    """2 processes (gloo), OTFace with no otface: block, P x K = 4 x 4 per process: `epochs`
+    epochs, then a resumed epoch from the checkpoint."""
+    network, run = request.param, E2E_RUNS[request.param]
+    root = copy_upstream(tmp_path_factory.mktemp(f"otface_{network}") / "arcface_torch")
     installer.install(root)
     cfg = root / "configs" / "e2e_otface.yaml"
-    cfg.write_text(E2E_JOB.format(resume="false", rec=data["rec"], num_classes=data["num_classes"], epochs=2))
-    first = torchrun(train_python, root, "configs/e2e_otface.yaml", 2, 900)
+    cfg.write_text(e2e_job(network, data, "false", run["epochs"]))
+    first = torchrun(train_python, root, "configs/e2e_otface.yaml", 2, 1200)
     log_first = (root / "work_dirs" / "e2e_otface" / "training.log").read_text()
-    cfg.write_text(E2E_JOB.format(resume="true", rec=data["rec"], num_classes=data["num_classes"], epochs=3))
-    second = torchrun(train_python, root, "configs/e2e_otface.yaml", 2, 600)
+    cfg.write_text(e2e_job(network, data, "true", run["epochs"] + 1))
+    second = torchrun(train_python, root, "configs/e2e_otface.yaml", 2, 900)
     log_all = (root / "work_dirs" / "e2e_otface" / "training.log").read_text()
-    return {"root": root, "out": root / "work_dirs" / "e2e_otface", "log_first": log_first,
-            "log_resumed": log_all[len(log_first):], "stdout": first.stdout + second.stdout}
+    return {"network": network, "root": root, "out": root / "work_dirs" / "e2e_otface", "log_first": log_first,
+            "log_resumed": log_all[len(log_first):], "stdout": first.stdout + second.stdout,
+            "steps": run["steps_per_epoch"] * run["epochs"], "steps_per_epoch": run["steps_per_epoch"],
+            "verify": run["verify"]}
 
 
 def ot_rows(log):
@@ -209,47 +221,124 @@ def ot_rows(log):
 def test_otface_two_process_run(otface_run):
     rows = ot_rows(otface_run["log_first"])
     steps = [r[0] for r in rows]
-    assert steps == list(range(1, 33)), steps  # 2 epochs x 16 steps, logged every step
+    n = otface_run["steps"]
+    assert steps == list(range(1, n + 1)), steps  # logged every step
+    layer = {"mbf": "MobileFaceNet.conv_sep", "vit_t": "VisionTransformer.norm"}[otface_run["network"]]
+    assert f"the OT term reads {layer}" in otface_run["log_first"]
     losses = [r[1] for r in rows]
     assert all(map(lambda x: x == x and abs(x) < 1e6, losses)), losses  # finite
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first, (first, last)
     assert all(r[5] > 0 for r in rows), "a batch without hard triplets"
-    assert all(r[3] > 0 for r in rows[1:]), "OT term is zero"
-    assert re.search(r"\[heldout\]\[16\]Accuracy-Flip: [\d.]+", otface_run["log_first"])
-    assert re.search(r"\[heldout\]\[32\]Accuracy-Flip: [\d.]+", otface_run["log_first"])
+    assert all(r[3] > 0 for r in rows), "OT term is zero"
+    assert all(r[4] == pytest.approx(0.1) for r in rows)  # the default lambda, no warm-up
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    if n >= 30:
+        assert last < first, (first, last)
+    if otface_run["verify"]:
+        for step in range(otface_run["steps_per_epoch"], n + 1, otface_run["steps_per_epoch"]):
+            assert re.search(rf"\[heldout\]\[{step}\]Accuracy-Flip: [\d.]+", otface_run["log_first"]), step
     events = list((otface_run["out"] / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(b"otface/ot" in e.read_bytes() for e in events)
-    print(f"OTFace 2-process run: loss first-5 mean {first:.4f}, last-5 mean {last:.4f}; "
-          f"triplets/batch min {min(r[5] for r in rows)}; OT {rows[0][3]:.4f} -> {rows[-1][3]:.4f}")
+    print(f"OTFace 2-process run ({otface_run['network']}, {n} steps): loss first-5 mean {first:.4f}, last-5 mean "
+          f"{last:.4f}; triplets/batch min {min(r[5] for r in rows)}; OT {rows[0][3]:.4f} -> {rows[-1][3]:.4f}")
 
 
 def test_resume_continues_the_step_count(otface_run):
+    import torch
+
+    n, k = otface_run["steps"], otface_run["steps_per_epoch"]
     rows = ot_rows(otface_run["log_resumed"])
-    assert [r[0] for r in rows] == list(range(33, 49))
-    # the loss's step buffer came back from state_dict_softmax_fc: lambda warm-up (64 steps)
-    # continues at 32/64 instead of restarting at 0
-    assert rows[0][4] == pytest.approx(32 / 64, abs=1e-4)
+    assert [r[0] for r in rows] == list(range(n + 1, n + k + 1))
     assert all(r[1] == r[1] for r in rows)
+    # the loss's step buffer came back from state_dict_softmax_fc (a lambda warm-up continues
+    # where it stopped): after the resumed epoch it counts every step, not only the last epoch's
+    for rank in (0, 1):
+        ckpt = torch.load(otface_run["out"] / f"checkpoint_gpu_{rank}.pt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == n + k
+        assert ckpt["state_dict_softmax_fc"]["loss.step"].item() == n + k
 
 
 def test_export_onnx_and_load_with_insightface(otface_run, data, train_python):
-    root, out = otface_run["root"], otface_run["out"]
+    root, out, network = otface_run["root"], otface_run["out"], otface_run["network"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([train_python, "torch2onnx.py", str(out / "model.pt"), "--network", "mbf",
+    r = subprocess.run([train_python, "torch2onnx.py", str(out / "model.pt"), "--network", network,
                         "--output", str(out / "model.onnx")], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     face_dir = FACES / data["heldout_ids"][0]
     face = sorted(face_dir.glob("*.pgm"))[0]
-    check = CHECK_EXPORT.format(root=str(root), pt=str(out / "model.pt"), onnx=str(out / "model.onnx"), face=str(face))
+    check = CHECK_EXPORT.format(root=str(root), network=network, pt=str(out / "model.pt"),
+                                onnx=str(out / "model.onnx"), face=str(face))
     r = subprocess.run([train_python, "-c", check], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    print("export:", result)
+    print(f"export ({network}):", result)
     assert result["max_abs_diff"] < 1e-4
     assert result["taskname"] == "recognition"
     assert result["embedding_shape"] == [512]
     assert result["embedding_finite"]
+
+
+# Recipe options a user's job may set beside `loss: otface`: each in a short run (4 steps, mbf).
+OPTION_RUNS = {
+    "sample_rate": "sample_rate: 0.5\n",  # PartialFC_V2 samples half of the class centres
+    "gradient_acc": "gradient_acc: 2\n",  # one optimizer step every 2 backward passes
+    "wandb": "using_wandb: true\nwandb_log_all: false\n",  # offline (WANDB_MODE), components in its history
+    "fp16_cpu": "fp16: true\n",  # no CUDA here: said at start, trains in float32
+}
+
+
+@pytest.mark.parametrize("option", list(OPTION_RUNS))
+def test_recipe_option_with_otface(option, tmp_path, data, train_python):
+    root = copy_upstream(tmp_path / "arcface_torch")
+    installer.install(root)
+    job = E2E_JOB.format(network="mbf", resume="false", rec=data["rec"], num_classes=data["num_classes"],
+                         num_image=4 * 32, epochs=1, verbose=10 ** 6)
+    job = job.replace("fp16: false\n", "").replace("val_targets: [heldout]\n", "val_targets: []\n")
+    (root / "configs" / "option.yaml").write_text(job + OPTION_RUNS[option])
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    r = torchrun(train_python, root, "configs/option.yaml", 2, 900, env=env)
+    log = (root / "work_dirs" / "option" / "training.log").read_text()
+    rows = ot_rows(log)
+    assert [row[0] for row in rows] == [1, 2, 3, 4], log[-2000:]
+    assert all(row[1] == row[1] and row[5] > 0 for row in rows), rows
+    if option == "wandb":
+        runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, (runs, r.stdout[-3000:], r.stderr[-3000:])  # rank 0 only (wandb_log_all: false)
+        history = wandb_history(train_python, runs[0])
+        logged = {row["otface/global_step"]: row for row in history if "otface/global_step" in row}
+        assert sorted(logged) == [1, 2, 3, 4], history
+        assert all(isinstance(logged[s]["otface/ot"], float) and logged[s]["otface/triplets"] > 0 for s in logged)
+        assert [row["Loss/Step Loss"] for row in history if "Loss/Step Loss" in row]  # the recipe's own rows
+    if option == "fp16_cpu":
+        assert "fp16: true, but CUDA is not available" in r.stderr
+    print(f"{option}: {len(rows)} steps, loss {rows[0][1]:.3f} -> {rows[-1][1]:.3f}, OT {rows[-1][3]:.4f}")
+
+
+WANDB_HISTORY = """
+import json, struct, sys
+from wandb.proto import wandb_internal_pb2 as pb
+data, pos, chunk, out = open(sys.argv[1], "rb").read(), 7, b"", []
+assert data[:4] == b":W&B", data[:7]
+while pos + 7 <= len(data):  # LevelDB-style log: 32 KiB blocks of (crc, length, type) records
+    if 32768 - pos % 32768 < 7:
+        pos += 32768 - pos % 32768
+        continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+    if kind in (1, 4):  # a full record, or the last piece of one
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        chunk = b""
+        if record.WhichOneof("record_type") == "history":
+            out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+print(json.dumps(out))
+"""
+
+
+def wandb_history(py, run_file: Path):
+    """The history rows of an offline wandb run file, read with wandb's own record protobuf."""
+    r = subprocess.run([py, "-W", "ignore", "-c", WANDB_HISTORY, str(run_file)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 CHECK_EXPORT = """
@@ -257,7 +346,7 @@ import json, sys
 import numpy as np, torch, onnxruntime, cv2
 sys.path.insert(0, {root!r})
 from backbones import get_model
-net = get_model("mbf", dropout=0.0, fp16=False, num_features=512)
+net = get_model({network!r}, dropout=0.0, fp16=False, num_features=512)
 net.load_state_dict(torch.load({pt!r}, map_location="cpu"))
 net.eval()
 x = torch.from_numpy(np.random.RandomState(0).uniform(-1, 1, size=(4, 3, 112, 112)).astype(np.float32))
@@ -265,7 +354,8 @@ with torch.no_grad():
     ref = net(x).numpy()
 sess = onnxruntime.InferenceSession({onnx!r}, providers=["CPUExecutionProvider"])
 # one image per run: torch2onnx.py traces with a batch of 1 and MobileFaceNet's Flatten
-# (x.view(x.size(0), -1)) is folded to that size; insightface also feeds one face at a time
+# (x.view(x.size(0), -1)) and the ViT's reshape are folded to that size; insightface also feeds one
+# face at a time
 got = np.concatenate([sess.run(None, {{sess.get_inputs()[0].name: x[i:i + 1].numpy()}})[0] for i in range(len(x))])
 import insightface
 model = insightface.model_zoo.get_model({onnx!r}, providers=["CPUExecutionProvider"])

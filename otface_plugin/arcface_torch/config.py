@@ -18,7 +18,8 @@ Keys the plugin adds (python and YAML configs alike):
 - ``num_instances``: K, images per identity in a P x K batch (default 4);
 - ``otface``: a mapping of OTFaceLoss options (``lambda_ot``, ``eps``, ``iters``, ``feature``,
   ``triplet_mode``, ...), plus ``margin`` (``arcface``/``cosface``/[m1, m2, m3] or a head name) and ``layer``
-  (the backbone submodule whose output is the conv feature map, default ``layer4``).
+  (the backbone submodule whose output the OT term reads; by default chosen per backbone, see
+  feature_layers.py).
 """
 from __future__ import annotations
 
@@ -88,7 +89,11 @@ from otface_plugin.losses.margin import MARGIN_PRESETS  # noqa: E402  (one defin
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
 FROM_RECIPE = ("margin_loss", "num_classes", "embedding_size")
 HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}
-DEFAULT_LAYER = "layer4"
+# OTFace options train_v2.py cannot serve -> why (rejected when the config is loaded, not at step 1)
+RECIPE_UNSUPPORTED = {
+    ("triplet_mode", "misclassified"): "it needs the margin head's logits, which the recipe's PartialFC_V2 "
+                                       "does not expose; use hard or all",
+}
 DEFAULT_NUM_INSTANCES = 4
 
 log = logging.getLogger(__name__)
@@ -218,6 +223,9 @@ def check_otface_options(options: Mapping[str, Any], where: str = "config") -> N
             continue
         if key not in accepted:
             raise ConfigError(f"{where}: unknown key {name!r}{_suggest(key, list(accepted) + list(HOOK_OPTIONS))}")
+        if isinstance(value, str) and (key, value) in RECIPE_UNSUPPORTED:
+            raise ConfigError(f"{where}: key {name!r}: {value!r} does not work in train_v2.py: "
+                              f"{RECIPE_UNSUPPORTED[key, value]}")
         if key == "margin":
             if not (isinstance(value, str) and value in _heads()):
                 _margin_triple(value, f"{where}: key {name!r}")
@@ -316,6 +324,11 @@ def prepare_config(cfg: Any) -> Any:
         check_otface_options(options)
         cfg.otface = options
         _set_margin(cfg, options.get("margin", "arcface"))
+        _note_fp16_without_cuda(cfg)
+        if cfg.get("using_wandb") and "notes" not in cfg:
+            # train_v2.py passes cfg.notes to wandb.init, but configs/base.py does not define it: without
+            # this, using_wandb prints "WandB Data ... must be provided" and trains without wandb
+            cfg.notes = None
     elif name in _heads():
         if cfg.get("otface") is not None:
             raise ConfigError(f"config sets 'otface' options but loss is {name!r}")
@@ -336,6 +349,20 @@ def check_value_types(cfg: Mapping[str, Any], where: str = "config") -> None:
     for key, (types, what) in KNOWN_KEYS.items():
         if key in cfg and not (key in PLUGIN_KEYS and cfg[key] is None):
             _check_type(where, key, cfg[key], types, what)
+
+
+def _note_fp16_without_cuda(cfg: Any) -> None:
+    """``fp16: true`` without CUDA: the recipe's ``torch.cuda.amp`` autocast and GradScaler switch
+    themselves off and the job trains in float32; say so plainly instead of torch's warnings."""
+    if not cfg.get("fp16"):
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        log.warning("otface-plugin: fp16: true, but CUDA is not available: the recipe's CUDA autocast and "
+                    "GradScaler are off, so this job trains in float32 on the CPU")
 
 
 def _check_loss_name(loss: Any) -> str:

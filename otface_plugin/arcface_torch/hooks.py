@@ -3,21 +3,24 @@
 With ``loss`` unset, ``arcface``, ``cosface`` or ``combined`` every hook is a no-op: upstream's
 PartialFC_V2 and DistributedSampler are used as they are. With ``loss: otface`` the head is an
 :class:`OTFaceHead`: upstream's PartialFC_V2 (the margin softmax, unchanged) inside an
-OTFaceLoss, whose OT term reads the backbone's last conv stage through a forward hook, so the
+OTFaceLoss, whose OT term reads the backbone's high-level features (iresnet ``layer4``,
+MobileFaceNet ``conv_sep``, ViT ``norm`` tokens; see feature_layers.py) through a forward hook, so the
 backbone, ``model.pt`` and the ONNX export stay exactly upstream's.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import distributed
 
-from otface_plugin.arcface_torch.config import DEFAULT_LAYER, build_otface_loss, head_of
-from otface_plugin.features import FeatureCapture
+from otface_plugin.arcface_torch.config import build_otface_loss, head_of
+from otface_plugin.arcface_torch.feature_layers import default_layer
+from otface_plugin.features import FeatureCapture, unwrap
 from otface_plugin.losses.head import MarginHead, build_margin
 
 
@@ -60,7 +63,9 @@ def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module)
     loss = build_otface_loss(partial_fc, options)
     capture = None
     if loss.ot_term.feature == "conv":
-        capture = FeatureCapture(backbone, options.get("layer", DEFAULT_LAYER))
+        layer = options.get("layer") or default_layer(backbone)
+        capture = FeatureCapture(backbone, layer)
+        logging.info("otface-plugin: the OT term reads %s.%s", type(unwrap(backbone)).__name__, layer)
     return OTFaceHead(loss, capture)
 
 
@@ -121,9 +126,15 @@ def identity_index(dataset):
     )
 
 
+COMPONENTS = ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an")
+WANDB_STEP = "otface/global_step"
+_WANDB_DEFINED: set = set()  # ids of the wandb runs whose otface metrics are defined
+
+
 def log_components(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
-    """Every ``frequent`` steps: the OTFace loss parts into the training log and tensorboard
-    (rank 0; the values are rank 0's local batch). No-op for upstream heads."""
+    """Every ``frequent`` steps: the OTFace loss parts into the training log, tensorboard and, with
+    ``using_wandb``, the recipe's wandb run (rank 0; the values are rank 0's local batch). No-op
+    for upstream heads."""
     if not isinstance(head, OTFaceHead) or global_step % max(int(frequent), 1):
         return
     rank = distributed.get_rank() if distributed.is_initialized() else 0
@@ -136,5 +147,26 @@ def log_components(head: torch.nn.Module, global_step: int, frequent: int, write
         global_step, c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]), c["w_ap"], c["w_an"],
     )
     if writer is not None:
-        for key in ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an"):
+        for key in COMPONENTS:
             writer.add_scalar(f"otface/{key}", c[key], global_step)
+    run = _wandb_run()
+    if run is not None:
+        _log_to_wandb(run, c, global_step)
+
+
+def _wandb_run():
+    """The wandb run train_v2.py opened (``using_wandb``), or None. wandb is not imported here:
+    if the recipe did not import it, there is no run."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def _log_to_wandb(run, c: dict, global_step: int) -> None:
+    # The recipe logs its own row every step without a step number (wandb counts them). Ours joins
+    # the open row (commit=False, so the recipe's step count is not doubled) and carries its own
+    # x-axis, otface/global_step, so the components plot against the training step.
+    if id(run) not in _WANDB_DEFINED:
+        run.define_metric(WANDB_STEP)
+        run.define_metric("otface/*", step_metric=WANDB_STEP)
+        _WANDB_DEFINED.add(id(run))
+    run.log({WANDB_STEP: global_step, **{f"otface/{key}": c[key] for key in COMPONENTS}}, commit=False)

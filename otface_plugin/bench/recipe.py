@@ -31,8 +31,6 @@ ENV_UPSTREAM = "ARCFACE_TORCH_DIR"
 ENV_TRAIN_PYTHON = "OTFACE_TRAIN_PYTHON"
 ROUTES = ("auto", "plugin", "recipe")
 DEFAULT_NETWORK = "mbf"
-# the conv feature map OTFace reads, per upstream backbone (docs/integration.md)
-OT_LAYER = {"mbf": "conv_sep"}
 REPO = Path(__file__).resolve().parents[2]
 # what train_v2.py imports beyond torch (the recipe's own requirements)
 TRAIN_DEPS = "import mxnet, sklearn, scipy, tensorboard, easydict"
@@ -119,8 +117,6 @@ def job_config(spec: RunSpec, train: TrainConfig, rec_dir: Path, num_classes: in
     if spec.loss == "otface":
         # no "s": train_v2.py's margin softmax has its scale fixed at 64 (train.scale is not used)
         opts = {**OTFACE_DEFAULTS, "warmup_steps": max(1, train.steps // 10), **spec.options}
-        if opts.get("feature", "conv") == "conv" and network in OT_LAYER:
-            opts["layer"] = OT_LAYER[network]
         cfg["otface"] = opts
     elif spec.options:
         raise ValueError(f"{spec.loss} takes no ablation options, got {spec.options}")

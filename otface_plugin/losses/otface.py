@@ -35,8 +35,9 @@ MIN_EPS = 1e-4
 class OTFaceTerm(torch.nn.Module):
     """The unweighted OT term ``L_OT`` on the hard triplets of a batch.
 
-    ``feature="conv"``: each image is a uniform distribution over its H*W local descriptors
-    (channels L2-normalised) of a (B, C, H, W) conv map; for every hard triplet the loss is
+    ``feature="conv"``: each image is a uniform distribution over its local descriptors
+    (L2-normalised): the H*W positions of a (B, C, H, W) conv map, or the L tokens of a
+    (B, L, D) token set (a ViT's patch tokens); for every hard triplet the loss is
     ``max(0, W(a, p) - W(a, n) + ot_margin)``, averaged. ``feature="embedding"``: one OT problem
     between the set of hard anchors' embeddings and the set of their positives, one with their
     negatives, and the same hinge on the two costs.
@@ -103,12 +104,14 @@ class OTFaceTerm(torch.nn.Module):
         if self.feature == "conv":
             if features is None:
                 raise ValueError(
-                    "OTFace feature='conv' needs the backbone's conv feature maps (B, C, H, W): pass "
-                    "features=..., e.g. from otface_plugin.features.FeatureCapture, or set feature='embedding'"
+                    "OTFace feature='conv' needs the backbone's conv feature maps (B, C, H, W) or token sets "
+                    "(B, L, D): pass features=..., e.g. from otface_plugin.features.FeatureCapture, or set "
+                    "feature='embedding'"
                 )
-            if features.dim() != 4 or features.shape[0] != labels.shape[0]:
+            if features.dim() not in (3, 4) or features.shape[0] != labels.shape[0]:
                 raise ValueError(
-                    f"conv features must be (B, C, H, W) with B={labels.shape[0]}, got {tuple(features.shape)}"
+                    f"conv features must be (B, C, H, W) maps or (B, L, D) token sets with B={labels.shape[0]}, "
+                    f"got {tuple(features.shape)}"
                 )
         zero = torch.zeros((), device=embeddings.device)
         if self.ot_compile == "none":
@@ -127,7 +130,7 @@ class OTFaceTerm(torch.nn.Module):
 
         # Normalise once per image, then one batched cost for the (a, p) and (a, n) problems.
         if self.feature == "conv":
-            desc = _unit_float(features.flatten(2).transpose(1, 2))  # (B, H*W, C)
+            desc = _unit_float(_descriptor_sets(features))  # (B, N, D)
             sources, targets = desc[torch.cat([a, a])], desc[torch.cat([p, n])]
         else:
             e = _unit_float(embeddings)
@@ -276,6 +279,11 @@ class OTFaceLoss(torch.nn.Module):
         Reading them synchronises with the device: call it when logging, not every step.
         """
         return {k: float(v) for k, v in self._last.items()}
+
+
+def _descriptor_sets(features: torch.Tensor) -> torch.Tensor:
+    """(B, N, D): a (B, C, H, W) map as its H*W local descriptors, a (B, L, D) token set as is."""
+    return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
 
 
 def _unit_float(x: torch.Tensor) -> torch.Tensor:
