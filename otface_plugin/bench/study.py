@@ -94,6 +94,8 @@ def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
 def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     train = asdict(cfg.train)
     train.pop("threads")  # how a run is computed, not what it computes
+    if train.get("sampler") == "pk":
+        train.pop("sampler")  # keys of runs from before the sampler option stay valid
     blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
                        "defaults": OTFACE_DEFAULTS,

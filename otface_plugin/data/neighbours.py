@@ -5,7 +5,8 @@ similarity. The (N, N) similarity matrix is never formed: queries go in chunks o
 ``chunk_rows``, keys in blocks of ``chunk_cols``, and a running top-k per query is merged block
 by block, so the working memory is ``chunk_rows x chunk_cols`` similarities plus the normalised
 centres, whatever N is (93k identities of MS1MV3 or 2M of WebFace42M). On a GPU the products
-run in fp16/bf16 (``dtype``), on CPU in fp32.
+run in fp16/bf16 (``dtype``), on CPU in fp32; the centres are read tile by tile in place
+(no normalised copy), so only the tile and the running top-k come on top of them.
 """
 from __future__ import annotations
 
@@ -37,18 +38,24 @@ def topk_cosine(centres: torch.Tensor, k: int, *, rows: Optional[Tuple[int, int]
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     start, stop = rows if rows is not None else (0, n)
-    # normalise in fp32, then cast: zero rows (never-updated classes) stay zero, not NaN
-    keys = torch.nn.functional.normalize(centres.to(device=device, dtype=torch.float32), dim=1).to(dtype)
+    centres = centres.detach()
+    # inverse norms, computed block by block; rows are normalised tile by tile (before the
+    # product, so fp16 cannot overflow), never as a whole copy (4 GB for 2M x 512 in fp32);
+    # zero rows (never-trained classes) stay zero
+    inv = torch.empty(n, device=device)
+    for c0 in range(0, n, chunk_cols):
+        block = centres[c0:c0 + chunk_cols].to(device=device, dtype=torch.float32)
+        inv[c0:c0 + chunk_cols] = block.norm(dim=1).clamp_min(1e-12).reciprocal()
     out_idx = torch.empty((stop - start, k), dtype=torch.int64)
     out_sim = torch.empty((stop - start, k), dtype=torch.float32)
     for q0 in range(start, stop, chunk_rows):
         q1 = min(q0 + chunk_rows, stop)
-        q = keys[q0:q1]
+        q = _unit(centres, inv, q0, q1, device, dtype)
         best_sim = torch.full((q1 - q0, k), -float("inf"), device=device)
         best_idx = torch.zeros((q1 - q0, k), dtype=torch.int64, device=device)
         for c0 in range(0, n, chunk_cols):
             c1 = min(c0 + chunk_cols, n)
-            sim = (q @ keys[c0:c1].T).float()
+            sim = (q @ _unit(centres, inv, c0, c1, device, dtype).T).float()
             lo, hi = max(q0, c0), min(q1, c1)  # the self-similarity diagonal inside this tile
             if lo < hi:
                 d = torch.arange(lo, hi, device=device)
@@ -62,3 +69,8 @@ def topk_cosine(centres: torch.Tensor, k: int, *, rows: Optional[Tuple[int, int]
         out_idx[q0 - start:q1 - start] = best_idx.cpu()
         out_sim[q0 - start:q1 - start] = best_sim.cpu()
     return out_idx, out_sim
+
+
+def _unit(centres: torch.Tensor, inv: torch.Tensor, a: int, b: int, device, dtype) -> torch.Tensor:
+    """Rows a:b of the centres, L2-normalised, in the compute dtype (a tile-sized copy)."""
+    return (centres[a:b].to(device=device, dtype=torch.float32) * inv[a:b, None]).to(dtype)
