@@ -52,3 +52,16 @@ def test_hard_sampler_trains_refreshes_and_resumes(hard_run):
     assert [r[0] for r in ot_rows(hard_run["log_resumed"])] == list(range(17, 25))
     assert [r[0] for r in resumed[1:]] == ["18", "21", "24"]
     print("refreshes:", [(r[0], r[2] + " s", r[3]) for r in first + resumed])
+
+
+def test_hard_sampler_with_the_margin_loss_alone(tmp_path, data, train_python):  # noqa: F811
+    """loss: arcface (PartialFC_V2 itself as the head) with sampler: hard: one epoch of 8 steps."""
+    root = copy_upstream(tmp_path / "arcface_torch")
+    installer.install(root)
+    job = HARD_JOB.replace("loss: otface", "loss: arcface").split("otface:")[0] + "sampler: hard\nhard:\n  refresh_steps: 3\n"
+    (root / "configs" / "e2e_hard_arc.yaml").write_text(
+        job.format(resume="false", rec=data["rec"], num_classes=data["num_classes"], epochs=1))
+    torchrun(train_python, root, "configs/e2e_hard_arc.yaml", 2, 600)
+    log = (root / "work_dirs" / "e2e_hard_arc" / "training.log").read_text()
+    assert [r[0] for r in REFRESH.findall(log)] == ["3", "6", "8"]
+    assert "OTFace   Global Step" not in log  # the upstream head: no OTFace components
