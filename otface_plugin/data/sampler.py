@@ -17,12 +17,14 @@ Epoch plan (identical on all ranks for the same ``(seed, epoch)``):
   never drawn (``"drop"``).
 Steps per epoch are ``num_image // (batch_size * world_size)``, what the recipe's LR schedule
 assumes (``cfg.total_step``).
+
+``HardPKSampler`` is PKSampler whose batches also hold groups of neighbouring identities, by the
+class centres it is given (see its docstring).
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
-
 import threading
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
