@@ -191,7 +191,7 @@ def identity_index(dataset):
     if targets is not None:
         return IdentityIndex.from_labels(np.asarray(targets))
     raise ValueError(
-        f"sampler 'pk' needs the identity of every image, which {type(dataset).__name__} does not give "
+        f"sampler 'pk' or 'hard' needs the identity of every image, which {type(dataset).__name__} does not give "
         "(config.rec 'synthetic' has one image of one identity); use sampler: distributed or a .rec"
     )
 
