@@ -77,3 +77,22 @@ def test_plan_runs_main_grid_then_ablation():
                          "arcface-default-s1", "cosface-default-s1", "otface-default-s1"]
     assert len(names) == 6 + len(ABLATION_GRID) and all(n.endswith("-s0") for n in names[6:])
     assert len(plan_runs(StudyConfig(dataset="x", seeds=(0,), ablation=False))) == 3
+
+
+def test_hard_sampler_batches_follow_the_centres(monkeypatch):
+    """--sampler hard: batches hold a seed identity and its nearest identity by the head's
+    centres (here: identity c's nearest is c ^ 1), refreshed every HARD_REFRESH_STEPS steps."""
+    import otface_plugin.bench.data as bench_data
+
+    monkeypatch.setattr(bench_data, "HARD_REFRESH_STEPS", 2)
+    ts = _tiny_train_set(classes=16, per=4)
+    centres = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, 0)
+    pk = list(pk_batches(ts, 8, 2, seed=1, steps=12))
+    hard = list(pk_batches(ts, 8, 2, seed=1, steps=12, sampler="hard", centres=lambda: centres))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(pk[:2], hard[:2]))  # before the first refresh
+    for _, y in hard[2:]:  # P = 4: round(0.5 * 4) = 2 of them are a seed and its pair
+        ids = y[::2]
+        assert ids[0] // 2 == ids[1] // 2
+    cfg = TrainConfig(steps=3, P=4, K=2, widths=(4, 4, 8, 8), embedding_size=16, sampler="hard")
+    _, history, _ = train_run(RunSpec("arcface", 0), cfg, ts)
+    assert len(history["loss"]) >= 1

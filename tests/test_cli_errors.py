@@ -3,7 +3,6 @@
 test_integration_installer.py."""
 import os
 import subprocess
-import sys
 
 import pytest
 from conftest import REPO, needs_upstream

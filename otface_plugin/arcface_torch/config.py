@@ -13,8 +13,11 @@ Keys the plugin adds (python and YAML configs alike):
   margin function) or ``"otface"``;
 - ``head_options``: a mapping of the margin head's options (e.g. ``{m: 0.4, h: 0.333}``), for
   ``loss: <head>`` or ``otface: {margin: <head>}``;
-- ``sampler``: ``"pk"`` (P identities x K images per batch; the default for otface) or
+- ``sampler``: ``"pk"`` (P identities x K images per batch; the default for otface), ``"hard"``
+  (P x K batches holding groups of neighbouring identities, by the margin head's class centres) or
   ``"distributed"`` (upstream's; the default otherwise);
+- ``hard``: options of ``sampler: hard``: ``neighbours`` (3), ``hard_fraction`` (0.5),
+  ``refresh_steps`` (how often the class centres are re-read, 1000);
 - ``num_instances``: K, images per identity in a P x K batch (default 4);
 - ``otface``: a mapping of OTFaceLoss options (``lambda_ot``, ``eps``, ``iters``, ``feature``,
   ``triplet_mode``, ...), plus ``margin`` (``arcface``/``cosface``/[m1, m2, m3] or a head name) and ``layer``
@@ -76,14 +79,21 @@ RECIPE_KEYS: Dict[str, Tuple[tuple, str]] = {
 }
 PLUGIN_KEYS: Dict[str, Tuple[tuple, str]] = {
     "loss": ((str, type(None)), "a loss name (arcface, cosface, combined, otface)"),
-    "sampler": ((str, type(None)), '"pk" or "distributed"'),
+    "sampler": ((str, type(None)), '"pk", "hard" or "distributed"'),
     "num_instances": ((int,), "an integer"),
     "otface": ((dict,), "a mapping of OTFace options"),
     "head_options": ((dict,), "a mapping of the margin head's options"),
+    "hard": ((dict,), "a mapping of hard-sampler options (neighbours, hard_fraction, refresh_steps)"),
 }
 KNOWN_KEYS = {**RECIPE_KEYS, **PLUGIN_KEYS}
 
-SAMPLERS = ("pk", "distributed")
+SAMPLERS = ("pk", "hard", "distributed")
+# sampler: hard options -> (default, accepted types, description, lowest value)
+HARD_OPTIONS: Dict[str, Tuple[Any, tuple, str, float]] = {
+    "neighbours": (3, (int,), "an integer >= 1", 1),
+    "hard_fraction": (0.5, Number, "a number in [0, 1]", 0.0),
+    "refresh_steps": (1000, (int,), "an integer >= 1", 1),
+}
 RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
 from otface_plugin.losses.margin import MARGIN_PRESETS  # noqa: E402  (one definition for loss and config)
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
@@ -171,6 +181,8 @@ def check_job(job: Mapping[str, Any], where: str = "config") -> Dict[str, Any]:
         raise ConfigError(f"{where}: key 'val_targets' must be a list of names, got {out['val_targets']!r}")
     if "otface" in out:
         check_otface_options(out["otface"], where)
+    if "hard" in out:
+        hard_options(out["hard"], where)
     return out
 
 
@@ -298,6 +310,23 @@ def build_otface_loss(margin_loss, options: Mapping[str, Any]):
     return build_loss("otface", margin_loss=margin_loss, **loss_options)
 
 
+def hard_options(options: Any, where: str = "config") -> Dict[str, Any]:
+    """The ``hard`` block with its defaults filled in; unknown keys and bad values name ``hard.<key>``."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{where}: key 'hard' must be a mapping of hard-sampler options, got {options!r}")
+    out = {}
+    for key, (default, types, what, lowest) in HARD_OPTIONS.items():
+        value = options.get(key, default)
+        _check_type(where, f"hard.{key}", value, types, what)
+        if value < lowest or (key == "hard_fraction" and value > 1):
+            raise ConfigError(f"{where}: key 'hard.{key}' must be {what}, got {value!r}")
+        out[key] = value
+    unknown = [k for k in options if k not in HARD_OPTIONS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key 'hard.{unknown[0]}'{_suggest(unknown[0], HARD_OPTIONS)}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # what train_v2.py calls right after get_config
 def prepare_config(cfg: Any) -> Any:
@@ -314,7 +343,7 @@ def prepare_config(cfg: Any) -> Any:
         if cfg.get("otface") is not None:
             raise ConfigError("config sets 'otface' options but not loss: 'otface'")
         check_head_options(cfg)
-        if cfg.get("sampler") is not None:
+        if cfg.get("sampler") is not None or cfg.get("hard") is not None:
             _resolve_sampler(cfg, None)
         return cfg
     name = _check_loss_name(loss)
@@ -415,7 +444,11 @@ def _resolve_sampler(cfg: Any, loss: Optional[str]) -> None:
     if sampler not in SAMPLERS:
         raise ConfigError(f"key 'sampler' must be one of {SAMPLERS}, got {sampler!r}")
     cfg.sampler = sampler
-    if sampler == "pk":
+    if cfg.get("hard") is not None and sampler != "hard":
+        raise ConfigError(f"config sets 'hard' options but sampler is {sampler!r} (use sampler: hard)")
+    if sampler == "hard":
+        cfg.hard = hard_options(cfg.get("hard") or {})
+    if sampler in ("pk", "hard"):
         k = cfg.get("num_instances", DEFAULT_NUM_INSTANCES)
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ConfigError(f"key 'num_instances' must be an integer >= 2 (images per identity), got {k!r}")
@@ -428,5 +461,5 @@ def _resolve_sampler(cfg: Any, loss: Optional[str]) -> None:
                 "at least 2 * num_instances"
             )
         if cfg.get("dali"):
-            raise ConfigError("sampler 'pk' does not work with dali: true (DALI reads the .rec itself)")
+            raise ConfigError(f"sampler {sampler!r} does not work with dali: true (DALI reads the .rec itself)")
         cfg.num_instances = k

@@ -6,19 +6,27 @@ PartialFC_V2 and DistributedSampler are used as they are. With ``loss: otface`` 
 OTFaceLoss, whose OT term reads the backbone's high-level features (iresnet ``layer4``,
 MobileFaceNet ``conv_sep``, ViT ``norm`` tokens; see feature_layers.py) through a forward hook, so the
 backbone, ``model.pt`` and the ONNX export stay exactly upstream's.
+
+With ``sampler: hard`` (any loss) the sampler is a :class:`HardPKSampler` and the per-step hook
+(:func:`log_components`, called on every rank after every step) refreshes its neighbour table from
+PartialFC_V2's class centres every ``hard.refresh_steps`` steps and at every epoch end; a resumed
+run refreshes when the checkpoint is loaded into the head, so it plans its first epoch as the
+uninterrupted run would have.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import distributed
 
-from otface_plugin.arcface_torch.config import build_otface_loss, head_of
+from otface_plugin.arcface_torch.config import build_otface_loss, hard_options, head_of
 from otface_plugin.arcface_torch.feature_layers import default_layer
 from otface_plugin.features import FeatureCapture, unwrap
 from otface_plugin.losses.head import MarginHead, build_margin
@@ -58,7 +66,7 @@ def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module)
     if head is not None:
         install_margin(partial_fc, build_margin(head, **dict(cfg.get("head_options") or {})))
     if cfg.get("loss") != "otface":
-        return partial_fc
+        return _with_resume_refresh(partial_fc)
     options = dict(cfg.get("otface") or {})
     loss = build_otface_loss(partial_fc, options)
     capture = None
@@ -66,7 +74,15 @@ def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module)
         layer = options.get("layer") or default_layer(backbone)
         capture = FeatureCapture(backbone, layer)
         logging.info("otface-plugin: the OT term reads %s.%s", type(unwrap(backbone)).__name__, layer)
-    return OTFaceHead(loss, capture)
+    return _with_resume_refresh(OTFaceHead(loss, capture))
+
+
+def _with_resume_refresh(head: torch.nn.Module) -> torch.nn.Module:
+    """With a hard sampler: loading a checkpoint into the head (train_v2.py's resume, on every
+    rank) refreshes the sampler for the next epoch from the loaded centres."""
+    if _HARD.get("sampler") is not None:
+        head.register_load_state_dict_post_hook(lambda module, _keys: refresh_hard_sampler(module, None))
+    return head
 
 
 def install_margin(partial_fc: torch.nn.Module, margin: MarginHead) -> None:
@@ -93,20 +109,109 @@ def _feed_norms(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def build_sampler(cfg: Any) -> Optional[Callable]:
-    """None (upstream's DistributedSampler) unless ``cfg.sampler == "pk"``; then a factory
-    ``(dataset, num_replicas, rank, seed) -> PKSampler`` that dataset.py calls."""
-    if cfg.get("sampler", "distributed") != "pk":
+    """None (upstream's DistributedSampler) unless ``cfg.sampler`` is ``"pk"`` or ``"hard"``;
+    then a factory ``(dataset, num_replicas, rank, seed) -> PKSampler | HardPKSampler`` that
+    dataset.py calls."""
+    kind = cfg.get("sampler", "distributed")
+    _HARD.clear()
+    if kind not in ("pk", "hard"):
         return None
     batch_size, num_instances, num_image = cfg.batch_size, cfg.num_instances, cfg.get("num_image")
+    hard = hard_options(cfg.get("hard") or {}) if kind == "hard" else None
+    lead = refresh_lead(cfg.get("num_workers", 2))
 
     def make(dataset, num_replicas: int, rank: int, seed: int):
-        from otface_plugin.data import PKSampler
+        from otface_plugin.data import HardPKSampler, PKSampler
 
         # num_image: as many steps per epoch as upstream's sampler, so the LR schedule holds
-        return PKSampler(identity_index(dataset), batch_size=batch_size, num_instances=num_instances,
-                         num_replicas=num_replicas, rank=rank, seed=seed, num_image=num_image)
+        common = dict(batch_size=batch_size, num_instances=num_instances, num_replicas=num_replicas,
+                      rank=rank, seed=seed, num_image=num_image)
+        if hard is None:
+            return PKSampler(identity_index(dataset), **common)
+        sampler = HardPKSampler(identity_index(dataset), neighbours=hard["neighbours"],
+                                hard_fraction=hard["hard_fraction"], **common)
+        _HARD.update(sampler=sampler, refresh_steps=hard["refresh_steps"], lead=lead)
+        return sampler
 
     return make
+
+
+# The hard sampler of this process (train_v2.py builds one loader) and its refresh settings.
+_HARD: dict = {}
+
+
+def refresh_lead(num_workers: int) -> int:
+    """Steps between a refresh and the first step it changes. The recipe's loader plans ahead of
+    training by at most prefetch_factor (2) x num_workers batches in the DataLoader, 6 in
+    DataLoaderX's queue, 1 in its thread and 1 preloaded; the rest is margin."""
+    return 16 + 2 * max(int(num_workers), 0)
+
+
+def gather_class_centres(weight: torch.Tensor) -> torch.Tensor:
+    """All (num_classes, D) class centres from PartialFC_V2's per-rank shards (rank r holds a
+    contiguous class range, in rank order; with sample_rate < 1 the weight is still the whole
+    shard). fp16 on CUDA: 2 GB per rank for 2M classes x 512."""
+    weight = weight.detach()
+    if weight.is_cuda:
+        weight = weight.half()
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+        return weight
+    world = distributed.get_world_size()
+    size = torch.tensor([weight.shape[0]], device=weight.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    distributed.all_gather(sizes, size)
+    sizes = [int(n) for n in sizes]
+    padded = weight.new_zeros((max(sizes), weight.shape[1]))
+    padded[:weight.shape[0]] = weight
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    distributed.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def neighbour_table(sampler, centres: torch.Tensor) -> np.ndarray:
+    """The sampler's neighbour table, each rank searching a slice of the identities; the slices
+    are all-gathered, so every rank gets the same table."""
+    from otface_plugin.data.neighbours import topk_cosine
+
+    rows = sampler.centre_rows(centres)
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return sampler.table_from_topk(topk_cosine(rows, sampler.table_width)[0])
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    bounds = np.linspace(0, rows.shape[0], world + 1).astype(int)
+    idx, _ = topk_cosine(rows, sampler.table_width, rows=(int(bounds[rank]), int(bounds[rank + 1])))
+    padded = torch.full((int(np.diff(bounds).max()), sampler.table_width), -1, dtype=torch.int64,
+                        device=centres.device)
+    padded[:len(idx)] = idx.to(centres.device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    distributed.all_gather(parts, padded)
+    idx = torch.cat([p[:n] for p, n in zip(parts, np.diff(bounds))]).cpu()
+    return sampler.table_from_topk(idx)
+
+
+def refresh_hard_sampler(head: torch.nn.Module, global_step: Optional[int]) -> None:
+    """Every ``hard.refresh_steps`` steps and at each epoch end (``global_step``), or at a resume
+    (``None``): gather the class centres, search their neighbours and update the hard sampler
+    on every rank alike. A refresh changes the steps from ``refresh_lead`` on (or the next epoch),
+    so the loader's workers and prefetched batches stay as they are."""
+    sampler = _HARD.get("sampler")
+    if sampler is None:
+        return
+    steps = sampler.steps_per_epoch
+    if global_step is not None and global_step % _HARD["refresh_steps"] and global_step % steps:
+        return
+    partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
+    start = time.perf_counter()
+    with torch.no_grad():
+        table = neighbour_table(sampler, gather_class_centres(partial_fc.weight))
+    seconds = time.perf_counter() - start
+    from_step = None if global_step is None else (global_step - 1) % steps + 1 + _HARD["lead"]
+    sampler.update_neighbours(table, from_step)
+    if (distributed.get_rank() if distributed.is_initialized() else 0) == 0:
+        when = (f"step {from_step} of this epoch" if from_step is not None and from_step < steps
+                else "the next epoch")
+        logging.info("HardPKSampler refresh at global step %s: %d identities, neighbours in %.3f s, "
+                     "table %s, in effect from %s", "resume" if global_step is None else global_step,
+                     len(table), seconds, hashlib.sha1(table.tobytes()).hexdigest()[:12], when)
 
 
 def identity_index(dataset):
@@ -121,7 +226,7 @@ def identity_index(dataset):
     if targets is not None:
         return IdentityIndex.from_labels(np.asarray(targets))
     raise ValueError(
-        f"sampler 'pk' needs the identity of every image, which {type(dataset).__name__} does not give "
+        f"sampler 'pk' or 'hard' needs the identity of every image, which {type(dataset).__name__} does not give "
         "(config.rec 'synthetic' has one image of one identity); use sampler: distributed or a .rec"
     )
 
@@ -132,9 +237,11 @@ _WANDB_DEFINED: set = set()  # ids of the wandb runs whose otface metrics are de
 
 
 def log_components(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
-    """Every ``frequent`` steps: the OTFace loss parts into the training log, tensorboard and, with
-    ``using_wandb``, the recipe's wandb run (rank 0; the values are rank 0's local batch). No-op
-    for upstream heads."""
+    """The per-step hook (every rank, after every step): refreshes a hard sampler
+    (:func:`refresh_hard_sampler`), then, every ``frequent`` steps, writes the OTFace loss parts
+    into the training log, tensorboard and, with ``using_wandb``, the recipe's wandb run (rank 0;
+    the values are rank 0's local batch). No-op for upstream heads and samplers."""
+    refresh_hard_sampler(head, global_step)
     if not isinstance(head, OTFaceHead) or global_step % max(int(frequent), 1):
         return
     rank = distributed.get_rank() if distributed.is_initialized() else 0

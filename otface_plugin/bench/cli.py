@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--route", choices=("auto", "plugin", "recipe"), default="auto",
                    help="plugin: own minimal loop; recipe: patched train_v2.py from $ARCFACE_TORCH_DIR; "
                    "auto (default): recipe when ARCFACE_TORCH_DIR is set, else plugin")
+    p.add_argument("--sampler", choices=("pk", "hard"), default="pk",
+                   help="batches: P x K (pk) or with groups of neighbouring identities (hard)")
     p.add_argument("--network", default="mbf", help="upstream backbone of the recipe route (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -67,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         train = replace(train, steps=args.steps)
     if args.threads:
         train = replace(train, threads=args.threads)
+    train = replace(train, sampler=args.sampler)
     cfg = replace(cfg, train=train, work=args.work)
     cfg = replace(cfg, jobs=args.jobs or min(2, os.cpu_count() or 1))
     from otface_plugin.bench.recipe import resolve_route

@@ -11,12 +11,12 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from otface_plugin.data import IdentityIndex, MXIndexedRecordIO, PKSampler
+from otface_plugin.data import HardPKSampler, IdentityIndex, MXIndexedRecordIO, PKSampler
 from otface_plugin.data.dataset import read_image_record
 from otface_plugin.data.imagecodec import decode_image
 
@@ -151,19 +151,34 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int
+HARD_REFRESH_STEPS = 20  # sampler "hard": class centres re-read every this many steps
+
+
+def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int, sampler: str = "pk",
+               centres: Optional[Callable[[], torch.Tensor]] = None
                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` P x K batches from the plugin's PKSampler, epoch after epoch, with the recipe's
     random horizontal flip drawn from a generator of its own: the order and the flips depend
-    only on ``seed``, so every loss sees the same images in the same order."""
-    sampler = PKSampler(train.index, batch_size, num_instances=K, num_replicas=1, rank=0, seed=seed)
+    only on ``seed``, so every loss sees the same images in the same order.
+
+    ``sampler="hard"``: HardPKSampler, its neighbours refreshed from ``centres()`` (the margin
+    head's class centres) every ``HARD_REFRESH_STEPS`` steps, in effect from the next step (this
+    loop plans no step ahead)."""
+    if sampler not in ("pk", "hard"):
+        raise ValueError(f"sampler must be 'pk' or 'hard', got {sampler!r}")
+    cls = HardPKSampler if sampler == "hard" else PKSampler
+    plan = cls(train.index, batch_size, num_instances=K, num_replicas=1, rank=0, seed=seed)
     g = torch.Generator().manual_seed(seed)
     done, epoch = 0, 0
     while done < steps:
-        sampler.set_epoch(epoch)
-        for chunk in sampler.epoch_indices().reshape(-1, batch_size):
+        plan.set_epoch(epoch)
+        positions = iter(plan)
+        for step in range(plan.steps_per_epoch):
             if done == steps:
                 return
+            if sampler == "hard" and done and done % HARD_REFRESH_STEPS == 0:
+                plan.update_centres(centres(), from_step=step)
+            chunk = np.fromiter(positions, dtype=np.int64, count=batch_size)
             idx = torch.from_numpy(chunk)
             x = normalise(train.images[idx])
             flip = torch.rand(len(idx), generator=g) < 0.5

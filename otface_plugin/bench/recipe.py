@@ -112,8 +112,12 @@ def job_config(spec: RunSpec, train: TrainConfig, rec_dir: Path, num_classes: in
         "num_workers": 1, "rec": str(rec_dir), "num_classes": num_classes,
         "num_image": sch["steps_per_epoch"] * train.batch_size, "num_epoch": sch["epochs"],
         "warmup_epoch": sch["warmup_epoch"], "val_targets": [],
-        "loss": spec.loss, "sampler": "pk", "num_instances": train.K,
+        "loss": spec.loss, "sampler": train.sampler, "num_instances": train.K,
     }
+    if train.sampler == "hard":
+        from otface_plugin.bench.data import HARD_REFRESH_STEPS
+
+        cfg["hard"] = {"refresh_steps": HARD_REFRESH_STEPS}
     if spec.loss == "otface":
         # no "s": train_v2.py's margin softmax has its scale fixed at 64 (train.scale is not used)
         opts = {**OTFACE_DEFAULTS, "warmup_steps": max(1, train.steps // 10), **spec.options}

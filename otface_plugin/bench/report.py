@@ -157,9 +157,13 @@ def recipe_rows(meta: Dict[str, Any]) -> List[str]:
         f"| backbone | upstream `{meta.get('network', 'mbf')}` (`backbones.get_model`), "
         f"{tc['embedding_size']}-d embedding, seeded by the job's `seed` |",
         f"| training | `torchrun --nproc_per_node=1 train_v2.py` per run, {tc['steps']} steps, P x K = "
-        f"{tc['P']} x {tc['K']} (`sampler: pk` for every loss), SGD lr {tc['lr']} momentum {tc['momentum']} "
+        f"{tc['P']} x {tc['K']} (`sampler: {tc.get('sampler', 'pk')}` for every loss), SGD lr {tc['lr']} momentum {tc['momentum']} "
         f"wd {tc['weight_decay']}, PolyScheduler, scale s = 64 (fixed in train_v2.py) |",
     ]
+
+
+PK_BATCHES = "`PKSampler` (same order for every loss of a seed)"
+HARD_BATCHES = "`HardPKSampler` (groups of neighbouring identities by each run's class centres)"
 
 
 def render(res: Dict[str, Any], command: str) -> str:
@@ -189,8 +193,8 @@ def render(res: Dict[str, Any], command: str) -> str:
         *(recipe_rows(meta) if meta.get("route", "").startswith("recipe") else [
         f"| backbone | small iresnet-like net (`otface_plugin.bench.model.BenchNet`, widths {tuple(tc['widths'])}, "
         f"`layer4` 7x7 map, {tc['embedding_size']}-d embedding), same initial weights for every loss of a seed |",
-        f"| training | {tc['steps']} steps, P x K = {tc['P']} x {tc['K']} batches from the plugin's `PKSampler` "
-        f"(same order for every loss of a seed), SGD lr {tc['lr']} momentum {tc['momentum']} wd {tc['weight_decay']}, "
+        f"| training | {tc['steps']} steps, P x K = {tc['P']} x {tc['K']} batches from the plugin's "
+        f"{HARD_BATCHES if tc.get('sampler') == 'hard' else PK_BATCHES}, SGD lr {tc['lr']} momentum {tc['momentum']} wd {tc['weight_decay']}, "
         f"warm-up then poly-2 decay, scale s = {tc['scale']} |"]),
         f"| losses | ArcFace (m = 0.5), CosFace (m = 0.4), OTFace = ArcFace + lambda * L_OT "
         f"({', '.join(f'{k}={v}' for k, v in meta['otface_defaults'].items())}, lambda warm-up over 10% of the steps) |",

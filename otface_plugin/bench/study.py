@@ -39,7 +39,7 @@ FARS = (1e-2, 1e-3)
 ROUTE_LINES = {
     "plugin": "plugin minimal loop (otface_plugin.bench.train), not the recipe's train_v2.py",
     "recipe": "recipe: patched copy of {upstream} trained with torchrun train_v2.py "
-              "(network {network}, sampler pk, margin scale 64), not the plugin's minimal loop",
+              "(network {network}, sampler {sampler}, margin scale 64), not the plugin's minimal loop",
 }
 HARD_FRACTION = 0.1
 
@@ -94,6 +94,8 @@ def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
 def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     train = asdict(cfg.train)
     train.pop("threads")  # how a run is computed, not what it computes
+    if train.get("sampler") == "pk":
+        train.pop("sampler")  # keys of runs from before the sampler option stay valid
     blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
                        "defaults": OTFACE_DEFAULTS,
@@ -313,7 +315,7 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
             ablation[v] = {"options": ABLATION_GRID[v], "run": RunSpec("otface", seeds[0], v, ABLATION_GRID[v]).name}
     meta = {
         "dataset": str(Path(cfg.dataset).resolve()), "toy": cfg.toy,
-        "route": ROUTE_LINES[cfg.route].format(network=cfg.network,
+        "route": ROUTE_LINES[cfg.route].format(network=cfg.network, sampler=cfg.train.sampler,
                                                upstream=os.environ.get("ARCFACE_TORCH_DIR", "")),
         "split": {"train_identities": prep.train_ids, "test_identities": prep.test_ids,
                   "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed},

@@ -45,6 +45,7 @@ class TrainConfig:
     embedding_size: int = 128
     widths: Tuple[int, ...] = (16, 32, 64, 128)
     log_every: int = 10
+    sampler: str = "pk"  # "hard": HardPKSampler on the margin head's class centres
     threads: int = 0  # 0: torch's default (in-process runs); parallel jobs use cpus // jobs
 
     @property
@@ -114,7 +115,10 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
     loss_fn.train()
     step_times: List[float] = []
     start = time.perf_counter()
-    for step, (x, y) in enumerate(pk_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps)):
+    head = loss_fn.margin_loss if is_ot else loss_fn
+    batches = pk_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps, cfg.sampler,
+                         centres=lambda: head.weight.detach())
+    for step, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

@@ -1,7 +1,7 @@
-"""Data tools: MXNet RecordIO without mxnet, identity index, P x K sampler, .rec/.bin builders.
+"""Data tools: MXNet RecordIO without mxnet, identity index, P x K samplers, .rec/.bin builders.
 
 ``MXRecordIO``, ``MXIndexedRecordIO``, ``IRHeader``, ``pack``, ``unpack``, ``pack_img`` and
-``unpack_img`` are drop-in replacements for ``mx.recordio``'s. ``PKSampler`` needs torch and is
+``unpack_img`` are drop-in replacements for ``mx.recordio``'s. ``PKSampler`` and ``HardPKSampler`` need torch and are
 imported on first use, so the RecordIO part works in an environment without torch (such as the
 mxnet cross-compatibility environment).
 """
@@ -23,6 +23,7 @@ from otface_plugin.data.recordio import (
 
 __all__ = [
     "DatasetLayoutError",
+    "HardPKSampler",
     "IRHeader",
     "IdentityIndex",
     "ImageDecodeError",
@@ -37,7 +38,8 @@ __all__ = [
     "unpack_img",
 ]
 
-_LAZY = {"PKSampler": "otface_plugin.data.sampler", "PKBatchSampler": "otface_plugin.data.sampler"}
+_LAZY = {"PKSampler": "otface_plugin.data.sampler", "PKBatchSampler": "otface_plugin.data.sampler",
+         "HardPKSampler": "otface_plugin.data.sampler"}
 
 
 def __getattr__(name: str) -> Any:

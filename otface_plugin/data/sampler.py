@@ -17,18 +17,23 @@ Epoch plan (identical on all ranks for the same ``(seed, epoch)``):
   never drawn (``"drop"``).
 Steps per epoch are ``num_image // (batch_size * world_size)``, what the recipe's LR schedule
 assumes (``cfg.total_step``).
+
+``HardPKSampler`` is PKSampler whose batches also hold groups of neighbouring identities, by the
+class centres it is given (see its docstring).
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterator, List, Optional
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from otface_plugin.data.identity_index import IdentityIndex
 
-__all__ = ["PKBatchSampler", "PKSampler"]
+__all__ = ["HardPKSampler", "PKBatchSampler", "PKSampler"]
 
 
 def _dist_default(num_replicas: Optional[int], rank: Optional[int]):
@@ -151,14 +156,18 @@ class PKSampler(Sampler[int]):
     def epoch_indices(self) -> np.ndarray:
         """This rank's dataset positions for the epoch, ``len(self)`` of them, step-major."""
         plan, rounds = self._plan()
-        k = self.num_instances
         mine = plan[:, self.rank, :].reshape(-1)
         my_visit = rounds[:, self.rank, :].reshape(-1)
-        offset, stride = self._affine(np.random.default_rng([self.seed, self.epoch, 1]))
-        n = self.index.counts[mine]
-        m = my_visit[:, None] * k + np.arange(k)[None, :]
-        rank_in_id = (offset[mine][:, None] + stride[mine][:, None] * m) % n[:, None]
-        slots = self.index.offsets[mine][:, None] + rank_in_id
+        return self._positions(mine, my_visit, self._affine(np.random.default_rng([self.seed, self.epoch, 1])))
+
+    def _positions(self, ids: np.ndarray, visits: np.ndarray, affine) -> np.ndarray:
+        """Dataset positions of the K images of each (identity, visit number) entry."""
+        k = self.num_instances
+        offset, stride = affine
+        n = self.index.counts[ids]
+        m = visits[:, None] * k + np.arange(k)[None, :]
+        rank_in_id = (offset[ids][:, None] + stride[ids][:, None] * m) % n[:, None]
+        slots = self.index.offsets[ids][:, None] + rank_in_id
         return self.index.gather(slots.reshape(-1))
 
     def _affine(self, rng: np.random.Generator):
@@ -174,6 +183,192 @@ class PKSampler(Sampler[int]):
             bad = np.gcd(stride, n) != 1
         stride[bad] = 1  # vanishingly rare: fall back to a rotation
         return offset, stride
+
+
+class _IdentityStream:
+    """PKSampler's identity order (random permutations of the eligible identities, one round
+    after the other, drawn from one generator) handed out a few at a time.
+
+    ``take(n, used)`` returns the next ``n`` identities not marked in ``used`` (and marks them);
+    skipped identities keep their place and come first at a later call. Taking P x world_size
+    per step with ``used`` cleared between steps is exactly :meth:`PKSampler._plan`.
+    """
+
+    def __init__(self, eligible: np.ndarray, rng: np.random.Generator):
+        self.eligible, self.rng = eligible, rng
+        self.rounds: list = []  # [permutation, taken mask, first index not taken]
+
+    def take(self, n: int, used: np.ndarray) -> np.ndarray:
+        out, i = [], 0
+        while n > 0:
+            if i == len(self.rounds):
+                perm = self.eligible[self.rng.permutation(len(self.eligible))]
+                self.rounds.append([perm, np.zeros(len(perm), dtype=bool), 0])
+            perm, taken, start = self.rounds[i]
+            width = 2 * n + 16  # look at a window, not the whole round (2M identities)
+            while True:
+                stop = min(start + width, len(perm))
+                ok = np.flatnonzero(~taken[start:stop] & ~used[perm[start:stop]])
+                if len(ok) >= n or stop == len(perm):
+                    break
+                width *= 4
+            pick = start + ok[:n]
+            got = perm[pick]
+            taken[pick] = True
+            used[got] = True
+            out.append(got)
+            n -= len(got)
+            free = np.flatnonzero(~taken[start:stop])
+            self.rounds[i][2] = start + int(free[0]) if len(free) else stop
+            i += 1
+        self.rounds = [r for r in self.rounds if r[2] < len(r[0])]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+class _Live:
+    """The DataLoader's running iterator: steps planned so far and neighbour tables waiting for
+    their step (guarded by the sampler's lock: the recipe's loader thread plans, the training
+    loop updates)."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.planned, self.pending = epoch, 0, []
+
+
+class HardPKSampler(PKSampler):
+    """:class:`PKSampler` whose batches hold groups of neighbouring identities.
+
+    Before :meth:`update_centres` it is exactly ``PKSampler`` (same plan, same positions). After
+    it, in every rank's batch of P identities, ``round(hard_fraction * P)`` come in groups: a
+    seed identity (the next one of PKSampler's random order) and its ``neighbours`` nearest
+    identities by cosine of the class centres that are not yet used in that step (on any rank);
+    the rest of the batch is drawn as in PKSampler. Seeds and the rest consume the random order,
+    so every identity is still visited each epoch when ``num_image / K`` covers the identities
+    about ``1 / (1 - hard_fraction * neighbours / (neighbours + 1))`` times (1.6 times with the
+    defaults); neighbours are extra visits and walk through their images like any other visit.
+
+    Which centres a step uses: :meth:`update_centres` applies to every iterator created after
+    it (the next epoch's, as the DataLoader creates it at epoch start), and with ``from_step=s``
+    also to steps ``s, s+1, ...`` of the running one. The DataLoader's sampler runs in the main
+    process (its worker processes only load images) but ahead of training by its prefetch
+    depth, so ``s`` must not have been planned yet (else ``ValueError``); the recipe's hook
+    passes the current step plus a fixed lead, so the plan is the same on every rank and in
+    every run for the same (seed, epoch, centres, update steps).
+
+    Args (beyond PKSampler's): ``neighbours`` per seed (>= 1), ``hard_fraction`` in [0, 1].
+    """
+
+    TABLE_FACTOR = 4  # neighbours kept per identity: spares for those already used in a step
+
+    def __init__(self, index: IdentityIndex, batch_size: int, num_instances: int = 4,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None, seed: int = 0,
+                 num_image: Optional[int] = None, neighbours: int = 3, hard_fraction: float = 0.5,
+                 small_identities: str = "replace"):
+        super().__init__(index, batch_size, num_instances, num_replicas, rank, seed, num_image,
+                         small_identities)
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+            raise ValueError(f"neighbours must be an integer >= 1, got {neighbours!r}")
+        if not 0.0 <= float(hard_fraction) <= 1.0:
+            raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction!r}")
+        self.neighbours = neighbours
+        self.hard_fraction = float(hard_fraction)
+        self.hard_per_batch = int(self.hard_fraction * self.num_identities_per_batch + 0.5)
+        self.table_width = min(len(self._eligible) - 1, self.TABLE_FACTOR * neighbours)
+        self._table: Optional[np.ndarray] = None  # (num_identities, table_width) ordinals, -1: none
+        self._live: Optional[_Live] = None
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------- centres
+    def centre_rows(self, weight) -> torch.Tensor:
+        """The centres of the eligible identities, in their order (rows by class label)."""
+        weight = torch.as_tensor(weight)
+        labels = self.index.identity_labels[self._eligible]
+        if weight.dim() != 2 or weight.shape[0] <= int(labels.max()):
+            raise ValueError(f"class centres must be (num_classes, D) with a row for every class label "
+                             f"(largest label {int(labels.max())}), got shape {tuple(weight.shape)}")
+        return weight[torch.as_tensor(labels, device=weight.device)]
+
+    def table_from_topk(self, topk: torch.Tensor) -> np.ndarray:
+        """Neighbour table from top-k indices into :meth:`centre_rows` (one row per eligible)."""
+        table = np.full((len(self.index.counts), self.table_width), -1, dtype=np.int64)
+        table[self._eligible] = self._eligible[np.asarray(topk, dtype=np.int64)]
+        return table
+
+    def neighbour_table(self, weight) -> np.ndarray:
+        from otface_plugin.data.neighbours import topk_cosine
+
+        idx, _ = topk_cosine(self.centre_rows(weight), self.table_width)
+        return self.table_from_topk(idx)
+
+    def update_centres(self, weight, from_step: Optional[int] = None) -> None:
+        """Use the neighbours of these (num_classes, D) class centres (see the class doc)."""
+        self.update_neighbours(self.neighbour_table(weight), from_step)
+
+    def update_neighbours(self, table: np.ndarray, from_step: Optional[int] = None) -> None:
+        """:meth:`update_centres` with the neighbour table already computed."""
+        with self._lock:
+            self._table = table
+            live = self._live
+            if from_step is None or live is None or from_step >= self.steps_per_epoch:
+                return
+            if from_step < live.planned:
+                raise ValueError(
+                    f"HardPKSampler: step {from_step} of epoch {live.epoch} is already planned "
+                    f"({live.planned} steps handed to the DataLoader); apply the centres later")
+            live.pending.append((int(from_step), table))
+
+    # ------------------------------------------------------------------ plan
+    def __iter__(self) -> Iterator[int]:
+        live = _Live(self.epoch)
+        with self._lock:
+            self._live = live
+            table = self._table
+        return self._iterate(live, table)
+
+    def _iterate(self, live: _Live, table) -> Iterator[int]:
+        affine = self._affine(np.random.default_rng([self.seed, live.epoch, 1]))
+        for batch, visits in self._steps(live.epoch, table, live):
+            yield from self._positions(batch[self.rank], visits[self.rank], affine).tolist()
+
+    def _plan(self):
+        """The epoch's identity plan and visit numbers with the current centres."""
+        steps = list(self._steps(self.epoch, self._table, None))
+        return np.stack([b for b, _ in steps]), np.stack([v for _, v in steps])
+
+    def _steps(self, epoch: int, table, live: Optional[_Live]):
+        """Per step: (world, P) identities and how often each was visited before this step."""
+        stream = _IdentityStream(self._eligible, np.random.default_rng([self.seed, epoch]))
+        used = np.zeros(len(self.index.counts), dtype=bool)
+        visits = np.zeros(len(self.index.counts), dtype=np.int64)
+        for step in range(self.steps_per_epoch):
+            if live is not None:
+                with self._lock:
+                    while live.pending and live.pending[0][0] <= step:
+                        table = live.pending.pop(0)[1]
+                    live.planned = step + 1
+            batch = self._step(stream, used, table)
+            yield batch, visits[batch]
+            visits[batch] += 1  # identities are distinct within a step
+
+    def _step(self, stream: _IdentityStream, used: np.ndarray, table) -> np.ndarray:
+        world, p = self.num_replicas, self.num_identities_per_batch
+        h = self.hard_per_batch if table is not None else 0
+        batch = np.empty((world, p), dtype=np.int64)
+        for r in range(world):  # the groups of every rank first, so no group is cut short
+            pos = 0
+            while pos < h:
+                seed = int(stream.take(1, used)[0])
+                batch[r, pos] = seed
+                pos += 1
+                row = table[seed]
+                near = row[row >= 0]
+                near = near[~used[near]][:min(self.neighbours, h - pos)]
+                used[near] = True
+                batch[r, pos:pos + len(near)] = near
+                pos += len(near)
+        if h < p:
+            batch[:, h:] = stream.take(world * (p - h), used).reshape(world, p - h)
+        used[batch.reshape(-1)] = False
+        return batch
 
 
 class PKBatchSampler(Sampler[List[int]]):

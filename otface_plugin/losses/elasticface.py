@@ -21,7 +21,6 @@ head makes on the whole gathered batch.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import distributed
