@@ -24,9 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from otface_plugin.bench.data import default_dataset_dir
+from otface_plugin.bench.data import BenchError, default_dataset_dir
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, run_study, toy_config
 from otface_plugin.bench.train import LOSSES
+from otface_plugin.data.errors import DatasetLayoutError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\notface-bench: interrupted; finished runs are kept and the next call resumes", file=sys.stderr)
         return 130
+    except (BenchError, DatasetLayoutError, FloatingPointError, OSError, ValueError) as e:
+        # Expected failures (data the study cannot use, unwritable output, a diverged run):
+        # one line; finished runs are kept, so a fixed call resumes.
+        print(f"otface-bench: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"otface-bench: wrote {Path(cfg.out) / 'REPORT.md'} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -124,6 +124,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print
     train, (images, pairs, issame) = _load({"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path)})
     log(f"      {len(prep.train_ids)} train identities ({len(train.images)} images), "
         f"{len(prep.test_ids)} test identities: {len(issame)} pairs in {prep.folds} folds")
+    for note in prep.notes:
+        log(f"      note: {note}")
 
     specs = plan_runs(cfg)
     keys = {s.name: run_key(cfg, prep, s) for s in specs}
@@ -316,7 +318,9 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
         "route": ROUTE_LINES[cfg.route].format(network=cfg.network,
                                                upstream=os.environ.get("ARCFACE_TORCH_DIR", "")),
         "split": {"train_identities": prep.train_ids, "test_identities": prep.test_ids,
-                  "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed},
+                  "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed,
+                  "pairs_requested": cfg.pairs, "notes": prep.notes, "description": prep.description},
+        "dataset_info": prep.dataset_info,
         "train": asdict(cfg.train), "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
         "losses": list(cfg.losses), "hard_fraction": HARD_FRACTION, "fars": list(FARS),
         "network": cfg.network if cfg.route == "recipe" else None,

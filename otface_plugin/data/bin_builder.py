@@ -24,7 +24,8 @@ from otface_plugin.data.encoding import encode_files, progress_bar
 from otface_plugin.data.errors import DatasetLayoutError, ImageDecodeError
 from otface_plugin.data.folders import IdentityFolder, scan_identity_folders
 
-__all__ = ["BinBuildReport", "build_bin", "build_bin_from_pairs", "make_pairs"]
+__all__ = ["BinBuildReport", "build_bin", "build_bin_from_pairs", "make_pairs",
+           "max_balanced_pairs"]
 
 Pair = Tuple[Path, Path, bool]
 
@@ -70,6 +71,22 @@ def _fold_pairs(folders: Sequence[IdentityFolder], n_same: int, n_diff: int,
     return same + diff
 
 
+def _fold_groups(n: int, folds: int, seed: int) -> Tuple[np.random.Generator, List[np.ndarray]]:
+    """The identity ordinals of each fold, and the generator that then draws the pairs."""
+    rng = np.random.default_rng(seed)
+    return rng, np.array_split(rng.permutation(n), folds)
+
+
+def max_balanced_pairs(folders: Sequence[IdentityFolder], folds: int, seed: int = 0) -> int:
+    """The most pairs ``make_pairs(folders, pairs, folds, seed)`` can draw: ``folds`` x 2 x the
+    distinct same-identity pairs of the poorest fold (0 if a fold has no identity with 2 images)."""
+    if folds < 1 or len(folders) < 2 * folds:
+        return 0
+    _, groups = _fold_groups(len(folders), folds, seed)
+    same = min(sum(len(folders[i].files) * (len(folders[i].files) - 1) // 2 for i in g) for g in groups)
+    return 2 * folds * same
+
+
 def make_pairs(folders: Sequence[IdentityFolder], pairs: int, folds: int = 10, seed: int = 0
                ) -> List[List[Pair]]:
     """Pairs per fold: ``pairs`` in total, ``folds`` identity-disjoint folds, half same."""
@@ -80,9 +97,7 @@ def make_pairs(folders: Sequence[IdentityFolder], pairs: int, folds: int = 10, s
         raise DatasetLayoutError(f"{folds} identity-disjoint folds need at least {2 * folds} "
                                  f"identities (2 per fold for different pairs), got "
                                  f"{len(folders)}; lower --folds")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(folders))
-    groups = np.array_split(order, folds)
+    rng, groups = _fold_groups(len(folders), folds, seed)
     per = pairs // folds
     out = []
     for g in groups:
