@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from otface_plugin.bench.data import BenchError, default_dataset_dir
-from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, run_study, toy_config
+from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
 from otface_plugin.bench.train import LOSSES
 from otface_plugin.data.errors import DatasetLayoutError
 
@@ -47,7 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation", help="comma-separated ablation variants (default: all of "
                    + ", ".join(ABLATION_GRID) + ")")
     p.add_argument("--test-identities", type=int, help="held-out identities (default 20: 10 folds of 2)")
-    p.add_argument("--pairs", type=int, help="held-out pairs in the .bin (default 6000)")
+    p.add_argument("--pairs", type=int, help="held-out pairs in the .bin (default 6000, or what the "
+                   "held-out identities can give)")
+    p.add_argument("--protocol", choices=("auto", "split", "lfw"), default="auto",
+                   help="split: random identity-disjoint split of the identity folders; lfw: LFW's own "
+                   "people.txt/pairs.txt (train on some sets, test on the other sets' folds); auto "
+                   "(default): lfw when the dataset folder has pairs.txt, people.txt and images/")
+    p.add_argument("--lfw-train-sets", default="1-5", help="lfw: people.txt sets to train on, 1-based "
+                   "(default %(default)s); the test pairs are the folds of the other sets")
     p.add_argument("--jobs", type=int, default=0, help="runs trained in parallel, one single-threaded "
                    "process each (default: min(2, CPUs)); 1 trains in this process")
     p.add_argument("--threads", type=int, default=0, help="torch threads with --jobs 1 (default: torch's choice)")
@@ -61,7 +68,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     dataset = args.dataset or str(default_dataset_dir())
-    cfg = toy_config(dataset, args.out) if args.toy else StudyConfig(dataset=dataset, out=args.out)
+    from otface_plugin.bench.lfw import is_lfw
+
+    protocol = args.protocol if args.protocol != "auto" else ("lfw" if is_lfw(Path(dataset)) else "split")
+    if protocol == "lfw":
+        if args.test_identities or args.pairs:
+            raise SystemExit("otface-bench: --test-identities/--pairs do not apply to --protocol lfw "
+                             "(the test pairs are pairs.txt's; choose them with --lfw-train-sets)")
+        cfg = replace(lfw_config(dataset, args.out, args.toy), lfw_train_sets=args.lfw_train_sets)
+    else:
+        cfg = toy_config(dataset, args.out) if args.toy else StudyConfig(dataset=dataset, out=args.out)
     train = cfg.train
     if args.steps:
         train = replace(train, steps=args.steps)
@@ -86,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         bad = sorted(set(variants) - set(ABLATION_GRID))
         if bad:
             raise SystemExit(f"otface-bench: unknown ablation variant {bad}; choose from {list(ABLATION_GRID)}")
-        cfg = replace(cfg, ablation_variants=variants)
+        cfg = replace(cfg, ablation=True, ablation_variants=variants)
     if args.test_identities:
         cfg = replace(cfg, test_identities=args.test_identities)
     if args.pairs:

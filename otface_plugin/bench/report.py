@@ -75,13 +75,30 @@ def ot_activity_lines(res: Dict[str, Any]) -> List[str]:
              f"OTFace steps had any hard triplet (mean over seeds; first / middle / last third of the {steps} steps: "
              f"{' / '.join(f'{100 * t:.0f}%' for t in thirds)}). In the other steps every anchor's hardest positive "
              "beats its hardest negative by the triplet margin in the training batch, the OT term is exactly 0 "
-             "and the update is plain ArcFace's. On a training set this small OTFace differs from ArcFace only "
-             "in the steps with hard triplets; see the hard-triplet panel of the training plot."]
+             "and the update is plain ArcFace's: OTFace differs from ArcFace only "
+             "in the steps with hard triplets; see the hard-triplet panel of the training plot.",
+             "", *ot_thirds_table(default)]
     abl = {n: a for n, a in act.items() if res["runs"][n]["variant"] != "default"}
     if abl:
         lines += ["", "Per ablation run: " + ", ".join(
             f"`{res['runs'][n]['variant']}` {100 * a['active_share']:.0f}%" for n, a in abl.items()) + " of logged steps with triplets."]
     return lines + [""]
+
+
+def ot_thirds_table(act: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Per third of training (mean over the given runs): steps with hard triplets, hard triplets per
+    step, and the OT term (before lambda) — whether the term still acts late in training."""
+    if not all("mean_ot_by_third" in a for a in act.values()):
+        return []
+    n = len(act)
+    cols = [("steps with hard triplets", "active_share_by_third", lambda v: f"{100 * v:.0f}%"),
+            ("hard triplets per step", "mean_triplets_by_third", lambda v: f"{v:.2f}"),
+            ("mean OT term L_OT", "mean_ot_by_third", lambda v: f"{v:.4f}")]
+    lines = ["| third of training | " + " | ".join(c[0] for c in cols) + " |", "|---|---|---|---|"]
+    for i, name in enumerate(("first", "middle", "last")):
+        cells = [fmt(sum(a[key][i] for a in act.values()) / n) for _, key, fmt in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def paired_lines(res: Dict[str, Any]) -> List[str]:
@@ -214,7 +231,8 @@ def render(res: Dict[str, Any], command: str) -> str:
         f"| timing | wall time per training step (median over a run's steps, forward + loss + backward + "
         f"update{how_timed} on {meta['cpus']} CPUs; "
         "comparable between the losses of one report, not across machines |",
-        f"| evaluation | {split['folds']}-fold accuracy over the pair order (threshold picked on the other folds), "
+        f"| evaluation | {split['folds']}-fold accuracy over the pair order (threshold picked on the other folds"
+        f"{'; the folds are pairs.txt folds: LFW cross-validation restricted to the test folds' if split.get('protocol') == 'lfw' else ''}), "
         f"TAR at FAR 1e-2 / 1e-3 over all pairs, flip-test embeddings (f(x) + f(flip x)) |",
         "",
         f"## Results (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}, in %)",
