@@ -3,6 +3,10 @@
     otface-bench                       # full study: 3 losses x 5 seeds + OTFace ablation (~26 min on 2 idle
                                        # cores through the plugin route; ~9 h through the recipe route)
     otface-bench --toy --out /tmp/toy  # pipeline check in under a minute
+    otface-bench ../shared/data/lfw    # LFW protocol study (pairs.txt found): train on people.txt
+                                       # sets 1-5, test on pairs.txt folds 6-10, 3 losses x 3 seeds,
+                                       # projected ~80 min on 2 idle cores -> results/lfw/
+    otface-bench ../shared/data/lfw --toy   # the same in about a minute (results/lfw_toy/, labelled toy)
     otface-bench --no-ablation --seeds 3
     otface-bench --route plugin        # the committed report's route, whatever ARCFACE_TORCH_DIR says
     ARCFACE_TORCH_DIR=... OTFACE_TRAIN_PYTHON=... otface-bench --route recipe --toy --out /tmp/toy_recipe
@@ -36,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("dataset", nargs="?", help="identity-folder dataset (default: $OTFACE_SHARED_DATA "
                    "or <repo>/../shared/data/extyaleb)")
-    p.add_argument("--out", default="results", help="report, plots and results.json (default: results)")
+    p.add_argument("--out", help="report, plots and results.json (default: results; with the LFW "
+                   "protocol results/lfw, or results/lfw_toy with --toy)")
     p.add_argument("--work", default="", help="built data and finished runs (default: OUT/_work)")
     p.add_argument("--toy", action="store_true", help="tiny pipeline check (12 identities, 1 seed, 30 steps)")
     p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5; toy 1)")
@@ -71,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     from otface_plugin.bench.lfw import is_lfw
 
     protocol = args.protocol if args.protocol != "auto" else ("lfw" if is_lfw(Path(dataset)) else "split")
+    if not args.out:  # the LFW study must not overwrite the committed identity-split report
+        args.out = "results" if protocol == "split" else ("results/lfw_toy" if args.toy else "results/lfw")
     if protocol == "lfw":
         if args.test_identities or args.pairs:
             raise SystemExit("otface-bench: --test-identities/--pairs do not apply to --protocol lfw "
