@@ -78,6 +78,10 @@ def ot_activity_lines(res: Dict[str, Any]) -> List[str]:
              "and the update is plain ArcFace's: OTFace differs from ArcFace only "
              "in the steps with hard triplets; see the hard-triplet panel of the training plot.",
              "", *ot_thirds_table(default)]
+    if thirds[2] == 0:
+        lines += ["", "**The OT term went idle:** no logged step of the last third had a hard triplet, so OTFace "
+                  "trained as ArcFace there. Other hard-group rules the abstract's triplet scheme allows can be "
+                  "run one at a time with `--ablation triplets=all,triplets=misclassified`."]
     abl = {n: a for n, a in act.items() if res["runs"][n]["variant"] != "default"}
     if abl:
         lines += ["", "Per ablation run: " + ", ".join(
