@@ -130,3 +130,18 @@ def test_cli_detects_lfw_and_keeps_the_identity_split_report(tmp_path):
     assert forced.protocol == "split" and forced.out == "results"
     with pytest.raises(SystemExit, match="do not apply to --protocol lfw"):
         config_from_args(_parser().parse_args([str(data), "--pairs", "100"]))
+
+
+def test_report_per_third_table_and_idle_note():
+    from otface_plugin.bench import report
+
+    def res(last_third_triplets):
+        h = {"step": list(range(0, 90, 10)), "triplets": [3, 2, 1, 1, 1, 1, *last_third_triplets],
+             "ot": [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, *[0.1 * (t > 0) for t in last_third_triplets]]}
+        return {"meta": {"train": {"steps": 90}}, "ot_activity": {"otface-default-s0": ot_term_activity(h)},
+                "runs": {"otface-default-s0": {"variant": "default"}}}
+
+    active = "\n".join(report.ot_activity_lines(res([1, 0, 2])))
+    assert "| last | 67% | 1.00 | 0.0667 |" in active and "went idle" not in active
+    idle = "\n".join(report.ot_activity_lines(res([0, 0, 0])))
+    assert "| last | 0% | 0.00 | 0.0000 |" in idle and "went idle" in idle and "triplets=all" in idle
