@@ -77,3 +77,19 @@ def test_report_names_the_dataset_it_was_given(tmp_path):
     assert "my_faces" in row and "Yale" not in row and "lighting" not in row
     table = report.readme_table({"meta": meta, "summary": {}})
     assert table.startswith("| loss (my_faces, 1 seed)")
+
+
+def test_defaults_on_lfw_people_with_ten_or_more_images(lfw, tmp_path):
+    """A dataset nobody prepared for the bench: LFW's 158 people with >= 10 images as identity
+    folders (symlinks). The defaults (20 test identities, 6000 pairs) ask for 300 same pairs per
+    fold of 2 people; the bench builds what they give and says so."""
+    data = tmp_path / "lfw10"
+    data.mkdir()
+    for d in sorted((lfw / "images").iterdir()):
+        if sum(1 for _ in d.iterdir()) >= 10:
+            (data / d.name).symlink_to(d, target_is_directory=True)
+    prep = prepare(data, tmp_path / "work", test_identities=20, pairs=6000, progress=False)
+    assert prep.folds == 10 and 0 < prep.pairs < 6000 and prep.pairs % 20 == 0
+    assert any(f"{prep.pairs} pairs instead of 6000" in n for n in prep.notes)
+    info = prep.dataset_info
+    assert info["name"] == "lfw10" and info["identities"] == 158 and info["images_per_identity"][0] >= 10
