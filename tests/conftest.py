@@ -106,3 +106,13 @@ def device(request):
     import torch
 
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def lfw() -> Path:
+    """The LFW folder (images/, pairs.txt, people.txt): OTFACE_SHARED_DATA/lfw or ../shared/data/lfw."""
+    shared = os.environ.get("OTFACE_SHARED_DATA")
+    d = Path(shared) / "lfw" if shared else SHARED / "data" / "lfw"
+    if not (d / "pairs.txt").is_file():
+        pytest.skip(f"LFW not found at {d} (its images/ and pairs.txt; set OTFACE_SHARED_DATA)")
+    return d

@@ -189,3 +189,125 @@ def test_resize_modes(tmp_path, mode, expect):
     assert img.size == expect and img.mode == "RGB"
     left = np.asarray(img)[:, :50].mean()
     assert left > 200
+
+
+# ------------------------------------------------------------------ build-bin --pairs-file
+
+
+def make_named_faces(root, people):
+    """LFW layout: root/Name/Name_NNNN.png, 1-based; pixel [0, 0] = person index, [0, 1] = image."""
+    for c, (name, n) in enumerate(people):
+        d = root / name
+        d.mkdir(parents=True)
+        for j in range(1, n + 1):
+            arr = np.full((24, 20), 40 + 10 * c, np.uint8)
+            arr[0, 0], arr[0, 1] = c, j
+            Image.fromarray(arr).save(d / f"{name}_{j:04d}.png")
+    return root
+
+
+PEOPLE = [("Ann_A", 3), ("Bob_B", 2), ("Cy_C", 1), ("Di_D", 4), ("Ed_E", 2), ("Flo_F", 1)]
+# 2 folds x (2 same + 2 different), tab-separated like LFW's file
+PAIRS_TXT = ("2\t2\n"
+             "Ann_A\t1\t3\nBob_B\t1\t2\nAnn_A\t2\tCy_C\t1\nBob_B\t2\tAnn_A\t1\n"
+             "Di_D\t4\t1\nEd_E\t1\t2\nDi_D\t3\tFlo_F\t1\nEd_E\t2\tFlo_F\t1\n")
+
+
+def _tags(bins):
+    return [tuple(int(v) for v in np.asarray(Image.open(io.BytesIO(b)))[0, :2, 0]) for b in bins]
+
+
+def test_build_bin_pairs_file_keeps_file_order_and_selects_folds(tmp_path, capsys):
+    root = make_named_faces(tmp_path / "images", PEOPLE)
+    (tmp_path / "pairs.txt").write_text(PAIRS_TXT)
+    out = tmp_path / "lfw.bin"
+    assert cli(["build-bin", str(root), str(out), "--pairs-file", str(tmp_path / "pairs.txt"),
+                "--format", ".png", "--resize", "0", "--no-progress"]) == 0
+    assert "8 pairs (4 same)" in capsys.readouterr().out
+    bins, issame, _ = load_bin_like_recipe(out, image_size=(24, 20))
+    idx = {name: c for c, (name, _) in enumerate(PEOPLE)}
+    want = [(("Ann_A", 1), ("Ann_A", 3)), (("Bob_B", 1), ("Bob_B", 2)), (("Ann_A", 2), ("Cy_C", 1)),
+            (("Bob_B", 2), ("Ann_A", 1)), (("Di_D", 4), ("Di_D", 1)), (("Ed_E", 1), ("Ed_E", 2)),
+            (("Di_D", 3), ("Flo_F", 1)), (("Ed_E", 2), ("Flo_F", 1))]
+    assert _tags(bins) == [(idx[n], j) for pair in want for n, j in pair]
+    assert issame == [True, True, False, False, True, True, False, False]
+
+    # --folds 2: only the second fold, same bytes as the tail of the full file
+    two = tmp_path / "fold2.bin"
+    assert cli(["build-bin", str(root), str(two), "--pairs-file", str(tmp_path / "pairs.txt"),
+                "--folds", "2", "--format", ".png", "--resize", "0", "--no-progress"]) == 0
+    bins2, issame2, _ = load_bin_like_recipe(two, image_size=(24, 20))
+    assert bins2 == bins[8:] and issame2 == issame[4:]
+
+
+@pytest.mark.parametrize("text,extra,message", [
+    (PAIRS_TXT.replace("Cy_C\t1", "Cy_C\t2"), [], "line 4: image 2 of 'Cy_C' not found"),
+    (PAIRS_TXT.replace("Bob_B\t1\t2", "Bob_B\t1\tX\t2"), [], "line 3: fold 1 expects 'name i j'"),
+    (PAIRS_TXT.replace("Ed_E\t1\t2", "Ed_E\tone\t2"), [], "line 7: image number 'one' is not an integer"),
+    ("3\t2\n" + PAIRS_TXT.split("\n", 1)[1], [], "header says 3 fold(s)"),
+    (PAIRS_TXT, ["--folds", "3"], "folds are numbered 1..2"),
+    (PAIRS_TXT, ["--pairs", "4"], "--pairs does not apply with --pairs-file"),
+])
+def test_build_bin_pairs_file_errors_name_the_line(tmp_path, capsys, text, extra, message):
+    root = make_named_faces(tmp_path / "images", PEOPLE)
+    (tmp_path / "pairs.txt").write_text(text)
+    out = tmp_path / "lfw.bin"
+    assert cli(["build-bin", str(root), str(out), "--pairs-file", str(tmp_path / "pairs.txt"),
+                "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_build_bin_without_pairs_or_pairs_file_is_an_error(tmp_path, capsys):
+    root = make_faces(tmp_path / "faces", n_id=4, n_img=2)
+    assert cli(["build-bin", str(root), str(tmp_path / "a.bin")]) == 2
+    assert "needs --pairs N (or --pairs-file" in capsys.readouterr().err
+    assert cli(["build-bin", str(root), str(tmp_path / "a.bin"), "--pairs", "8", "--folds", "1-2"]) == 2
+    assert "needs --pairs-file" in capsys.readouterr().err
+
+
+EVAL_WITH_RECIPE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from eval import verification  # the recipe's own loader and evaluation (imports mxnet)
+data_list, issame = verification.load_bin(sys.argv[2], (112, 112))
+# A trivial "backbone": 8x8 average-pooled pixels. Pixels carry some identity signal, so the
+# accuracy is above chance only if every pair's label matches its two images.
+net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten())
+acc1, std1, acc2, std2, xnorm, emb = verification.test((data_list, issame), net, 1000, 10)
+import json
+print("RESULT " + json.dumps({"pairs": len(issame), "same": int(sum(issame)), "shape": list(data_list[0].shape),
+                             "flip_shape": list(data_list[1].shape), "accuracy": float(acc2), "std": float(std2)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.upstream
+def test_lfw_bin_from_pairs_txt_is_read_and_evaluated_by_the_recipe(lfw, tmp_path, upstream_checkout,
+                                                                    train_python):
+    import json
+    import subprocess
+
+    from otface_plugin.arcface_torch import installer
+
+    # The recipe as a plugin user runs it: its verification.py needs the numpy/scipy compat patches.
+    installer.install(upstream_checkout, configs=False)
+    out = tmp_path / "lfw.bin"
+    assert cli(["build-bin", str(lfw / "images"), str(out), "--pairs-file", str(lfw / "pairs.txt"),
+                "--no-progress"]) == 0
+    bins, issame, data = load_bin_like_recipe(out)
+    assert len(issame) == 6000 and sum(issame) == 3000 and data.shape == (12000, 3, 112, 112)
+    for k in range(10):  # each fold: 300 same then 300 different, in the file's order
+        assert issame[600 * k: 600 * (k + 1)] == [True] * 300 + [False] * 300
+    script = tmp_path / "eval_bin.py"
+    script.write_text(EVAL_WITH_RECIPE)
+    r = subprocess.run([train_python, "-W", "ignore", str(script), str(upstream_checkout), str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    res = json.loads(line[len("RESULT "):])
+    assert res["pairs"] == 6000 and res["same"] == 3000
+    assert res["shape"] == res["flip_shape"] == [12000, 3, 112, 112]
+    assert 0.55 < res["accuracy"] < 1.0  # labels aligned with images; chance would be 0.5

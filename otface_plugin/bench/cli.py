@@ -3,6 +3,10 @@
     otface-bench                       # full study: 3 losses x 5 seeds + OTFace ablation (~26 min on 2 idle
                                        # cores through the plugin route; ~9 h through the recipe route)
     otface-bench --toy --out /tmp/toy  # pipeline check in under a minute
+    otface-bench ../shared/data/lfw    # LFW protocol study (pairs.txt found): train on people.txt
+                                       # sets 1-5, test on pairs.txt folds 6-10, 3 losses x 3 seeds,
+                                       # projected ~77 min on 2 idle cores -> results/lfw/
+    otface-bench ../shared/data/lfw --toy   # the same in about a minute (results/lfw_toy/, labelled toy)
     otface-bench --no-ablation --seeds 3
     otface-bench --route plugin        # the committed report's route, whatever ARCFACE_TORCH_DIR says
     ARCFACE_TORCH_DIR=... OTFACE_TRAIN_PYTHON=... otface-bench --route recipe --toy --out /tmp/toy_recipe
@@ -24,9 +28,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from otface_plugin.bench.data import default_dataset_dir
-from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, run_study, toy_config
+from otface_plugin.bench.data import BenchError, default_dataset_dir
+from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
 from otface_plugin.bench.train import LOSS_CHOICES, LOSSES
+from otface_plugin.data.errors import DatasetLayoutError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("dataset", nargs="?", help="identity-folder dataset (default: $OTFACE_SHARED_DATA "
                    "or <repo>/../shared/data/extyaleb)")
-    p.add_argument("--out", default="results", help="report, plots and results.json (default: results)")
+    p.add_argument("--out", help="report, plots and results.json (default: results; with the LFW "
+                   "protocol results/lfw, or results/lfw_toy with --toy)")
     p.add_argument("--work", default="", help="built data and finished runs (default: OUT/_work)")
     p.add_argument("--toy", action="store_true", help="tiny pipeline check (12 identities, 1 seed, 30 steps)")
     p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5; toy 1)")
@@ -47,7 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation", help="comma-separated ablation variants (default: all of "
                    + ", ".join(ABLATION_GRID) + ")")
     p.add_argument("--test-identities", type=int, help="held-out identities (default 20: 10 folds of 2)")
-    p.add_argument("--pairs", type=int, help="held-out pairs in the .bin (default 6000)")
+    p.add_argument("--pairs", type=int, help="held-out pairs in the .bin (default 6000, or what the "
+                   "held-out identities can give)")
+    p.add_argument("--protocol", choices=("auto", "split", "lfw"), default="auto",
+                   help="split: random identity-disjoint split of the identity folders; lfw: LFW's own "
+                   "people.txt/pairs.txt (train on some sets, test on the other sets' folds); auto "
+                   "(default): lfw when the dataset folder has pairs.txt, people.txt and images/")
+    p.add_argument("--lfw-train-sets", default="1-5", help="lfw: people.txt sets to train on, 1-based "
+                   "(default %(default)s); the test pairs are the folds of the other sets")
     p.add_argument("--jobs", type=int, default=0, help="runs trained in parallel, one single-threaded "
                    "process each (default: min(2, CPUs)); 1 trains in this process")
     p.add_argument("--threads", type=int, default=0, help="torch threads with --jobs 1 (default: torch's choice)")
@@ -63,7 +76,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     dataset = args.dataset or str(default_dataset_dir())
-    cfg = toy_config(dataset, args.out) if args.toy else StudyConfig(dataset=dataset, out=args.out)
+    from otface_plugin.bench.lfw import is_lfw
+
+    protocol = args.protocol if args.protocol != "auto" else ("lfw" if is_lfw(Path(dataset)) else "split")
+    if not args.out:  # the LFW study must not overwrite the committed identity-split report
+        args.out = "results" if protocol == "split" else ("results/lfw_toy" if args.toy else "results/lfw")
+    if protocol == "lfw":
+        if args.test_identities or args.pairs:
+            raise SystemExit("otface-bench: --test-identities/--pairs do not apply to --protocol lfw "
+                             "(the test pairs are pairs.txt's; choose them with --lfw-train-sets)")
+        cfg = replace(lfw_config(dataset, args.out, args.toy), lfw_train_sets=args.lfw_train_sets)
+    else:
+        cfg = toy_config(dataset, args.out) if args.toy else StudyConfig(dataset=dataset, out=args.out)
     train = cfg.train
     if args.steps:
         train = replace(train, steps=args.steps)
@@ -89,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         bad = sorted(set(variants) - set(ABLATION_GRID))
         if bad:
             raise SystemExit(f"otface-bench: unknown ablation variant {bad}; choose from {list(ABLATION_GRID)}")
-        cfg = replace(cfg, ablation_variants=variants)
+        cfg = replace(cfg, ablation=True, ablation_variants=variants)
     if args.test_identities:
         cfg = replace(cfg, test_identities=args.test_identities)
     if args.pairs:
@@ -145,6 +169,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\notface-bench: interrupted; finished runs are kept and the next call resumes", file=sys.stderr)
         return 130
+    except (BenchError, DatasetLayoutError, FloatingPointError, OSError, ValueError) as e:
+        # Expected failures (data the study cannot use, unwritable output, a diverged run):
+        # one line; finished runs are kept, so a fixed call resumes.
+        print(f"otface-bench: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"otface-bench: wrote {Path(cfg.out) / 'REPORT.md'} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

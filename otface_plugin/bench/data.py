@@ -7,17 +7,21 @@ JPEG decoding.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from otface_plugin.data import HardPKSampler, IdentityIndex, MXIndexedRecordIO, PKSampler
 from otface_plugin.data.dataset import read_image_record
+from otface_plugin.data.folders import format_identity_list, read_identity_list
 from otface_plugin.data.imagecodec import decode_image
 
 ENV_SHARED = "OTFACE_SHARED_DATA"
@@ -36,6 +40,10 @@ def default_dataset_dir() -> Path:
     return candidates[0]
 
 
+class BenchError(Exception):
+    """An expected failure of the study (bad data, impossible settings): one line for the user."""
+
+
 @dataclass
 class Prepared:
     """Paths and facts of a prepared split."""
@@ -46,15 +54,67 @@ class Prepared:
     test_ids: List[str]
     folds: int
     pairs: int
+    notes: List[str] = field(default_factory=list)  # what was chosen for the user, and why
+    description: str = ""  # the split in words (set by protocols other than the random split)
+    dataset_info: Dict[str, Any] = field(default_factory=dict)  # describe_dataset()
+
+
+class _LastLine(io.TextIOBase):
+    """stderr that is still shown, remembering its last line (the data tool's error message)."""
+
+    def __init__(self, target) -> None:
+        self.target, self.last = target, ""
+
+    def write(self, text: str) -> int:
+        lines = [x for x in text.splitlines() if x.strip()]
+        if lines:
+            self.last = lines[-1]
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
 
 
 def _cli(args: List[str]) -> None:
-    # The documented CLI is the stable interface of the data tools; call it in-process.
+    # The documented CLI is the stable interface of the data tools; call it in-process. Its own
+    # one-line error becomes the study's (BenchError), not a traceback.
     from otface_plugin.data.cli import main as data_cli
 
-    rc = data_cli(args)
+    err = _LastLine(sys.stderr)
+    with contextlib.redirect_stderr(err):
+        rc = data_cli(args)
     if rc:
-        raise RuntimeError(f"otface-data {' '.join(args)} failed with exit status {rc}")
+        raise BenchError(err.last or f"otface-data {' '.join(args)} failed with exit status {rc}")
+
+
+def choose_folds_and_pairs(dataset: Path, test_ids: List[str], pairs: int, seed: int
+                           ) -> Tuple[int, int, List[str]]:
+    """The most identity-disjoint folds (at most 10, 2+ identities each) and pairs (at most
+    ``pairs``) that ``otface-data build-bin`` can draw from the held-out identities, and notes
+    saying what was lowered and why."""
+    from otface_plugin.data.bin_builder import max_balanced_pairs
+    from otface_plugin.data.folders import scan_identity_folders
+
+    folders = scan_identity_folders(dataset, test_ids)
+    for folds in range(min(10, len(folders) // 2), 1, -1):
+        most = max_balanced_pairs(folders, folds, seed)
+        if most:
+            break
+    else:
+        raise BenchError(f"the {len(folders)} held-out identities cannot form 2 identity-disjoint folds "
+                         "with a same-identity pair each; raise --test-identities")
+    notes = []
+    want = (pairs // (2 * folds)) * 2 * folds
+    if folds < min(10, len(folders) // 2):
+        notes.append(f"{folds} folds instead of {min(10, len(folders) // 2)}: with more, a fold would have "
+                     "no identity with two images")
+    if most < want:
+        notes.append(f"{most} pairs instead of {pairs}: the poorest of the {folds} folds has only "
+                     f"{most // (2 * folds)} distinct same-identity pairs (raise --test-identities for more)")
+    return folds, min(most, want), notes
 
 
 def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: int = 0,
@@ -62,21 +122,21 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
             progress: bool = True) -> Prepared:
     """Split ``dataset`` (one folder per identity) and build ``train.rec`` + ``test.bin``.
 
-    Outputs land in ``work``; a finished build (marker file) is reused. The ``.bin`` has
-    ``folds = min(10, test_identities // 2)`` identity-disjoint folds (the builder needs two
-    identities per fold for different-identity pairs), so the 10-fold evaluation over pair order
-    has folds that share no identity, as LFW's.
+    Outputs land in ``work``; a finished build (marker file) is reused. The ``.bin`` has up to
+    ``min(10, test_identities // 2)`` identity-disjoint folds (the builder needs two identities
+    per fold for different-identity pairs), so the k-fold evaluation over pair order has folds
+    that share no identity, as LFW's; folds and pairs are lowered to what the held-out
+    identities can give (:func:`choose_folds_and_pairs`), and ``Prepared.notes`` says so.
     """
     work.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in dataset.iterdir() if p.is_dir() and not p.name.startswith("."))
     if max_identities:
         names = names[:max_identities]
     if not 0 < test_identities < len(names):
-        raise ValueError(f"--test-identities {test_identities} must be in (0, {len(names)})")
-    folds = min(10, test_identities // 2)
-    if folds < 2:
-        raise ValueError("need at least 4 test identities (2 identity-disjoint folds of 2)")
-    pairs = (pairs // (2 * folds)) * 2 * folds
+        raise BenchError(f"--test-identities {test_identities} must be in (0, {len(names)}): {dataset} "
+                         f"has {len(names)} identity folders")
+    if test_identities < 4:
+        raise BenchError("--test-identities must be at least 4 (2 identity-disjoint folds of 2)")
     done = work / "prepared.txt"
     stamp = f"{dataset.resolve()} {names} {test_identities} {pairs} {seed} {image_size}\n"
     tr, ho = work / "train_ids.txt", work / "test_ids.txt"
@@ -86,11 +146,12 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
             from otface_plugin.data.folders import split_identities
 
             train, hold = split_identities(names, test_identities / len(names), seed)
-            tr.write_text("".join(n + "\n" for n in train))
-            ho.write_text("".join(n + "\n" for n in hold))
+            tr.write_text(format_identity_list(train))
+            ho.write_text(format_identity_list(hold))
         else:  # the CLI takes a fraction: this one yields exactly test_identities of len(names)
             _cli(["split", str(dataset), "--holdout-fraction", repr(test_identities / len(names)),
                   "--seed", str(seed), "--train-list", str(tr), "--holdout-list", str(ho)])
+        folds, pairs, notes = choose_folds_and_pairs(dataset, read_identity_list(ho), pairs, seed)
         flags = ["--resize", str(image_size), "--workers", str(workers), "--force"]
         if not progress:
             flags.append("--no-progress")
@@ -99,8 +160,46 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
         _cli(["build-bin", str(dataset), str(work / "test.bin"), "--pairs", str(pairs), "--folds",
               str(folds), "--seed", str(seed), "--identities-from", str(ho), *flags])
         done.write_text(stamp)
-    return Prepared(work / "rec", work / "test.bin", tr.read_text().split(), ho.read_text().split(),
-                    folds, pairs)
+    else:
+        folds, pairs, notes = choose_folds_and_pairs(dataset, read_identity_list(ho), pairs, seed)
+    train_ids, test_ids = read_identity_list(tr), read_identity_list(ho)
+    return Prepared(work / "rec", work / "test.bin", train_ids, test_ids, folds, pairs, notes,
+                    dataset_info=describe_dataset(dataset, names=sorted(train_ids + test_ids)))
+
+
+# Short names and one-line descriptions of the datasets this project was measured on, keyed by
+# the first heading of the README inside the dataset folder; any other folder is described by
+# its name and counts only.
+KNOWN_DATASETS = {
+    "Extended Yale Face Database B": ("Extended Yale B", "Extended Yale B cropped: frontal faces under "
+                                      "64 lighting conditions"),
+    "Labeled Faces in the Wild": ("LFW", "Labeled Faces in the Wild (deep-funneled, cropped to 112 x 112): "
+                                  "news photos, unconstrained pose, lighting and expression"),
+}
+
+
+def describe_dataset(root: Path, image_root: Optional[Path] = None,
+                     names: Optional[List[str]] = None) -> Dict[str, Any]:
+    """What the report says about the dataset given: a short name, a line, and counts of the
+    identity folders used (``names``, default all under ``image_root`` or ``root``)."""
+    from otface_plugin.data.folders import IMAGE_EXTENSIONS
+
+    image_root = image_root or root
+    if names is None:
+        names = sorted(p.name for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    counts = [sum(1 for f in (image_root / n).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+              for n in names]
+    heading = ""
+    for readme in ("README.md", "README", "README.txt"):
+        if (root / readme).is_file():
+            first = next((x for x in (root / readme).read_text(errors="replace").splitlines() if x.strip()), "")
+            heading = first.lstrip("#").strip()
+            break
+    short, line = next(((k, v) for h, (k, v) in KNOWN_DATASETS.items() if heading.startswith(h)),
+                       (root.name, heading or "identity folders (no README naming the dataset)"))
+    per = np.asarray(counts or [0])
+    return {"name": short, "description": line, "path": str(root.resolve()), "identities": len(names),
+            "images": int(per.sum()), "images_per_identity": [int(per.min()), float(np.median(per)), int(per.max())]}
 
 
 @dataclass

@@ -65,6 +65,10 @@ class StudyConfig:
     toy: bool = False
     route: str = "plugin"  # "plugin" (own minimal loop) or "recipe" (patched train_v2.py); cli resolves "auto"
     network: str = "mbf"  # upstream backbone of the recipe route
+    protocol: str = "split"  # "split": random identity-disjoint split; "lfw": LFW's people/pairs files
+    lfw_train_sets: str = "1-5"  # people.txt sets to train on (1-based); the other sets' folds test
+    lfw_max_test_folds: int = 0  # lfw: only the first N test folds (0: every fold not in lfw_train_sets)
+    max_train_identities: int = 0  # lfw: a seeded subset of the training people (0: all)
 
     @property
     def runs_dir(self) -> Path:
@@ -83,6 +87,23 @@ def toy_config(dataset: str, out: str) -> StudyConfig:
                                          embedding_size=32, log_every=5))
 
 
+# Projected from 30 timed steps (docs/evidence.md): 9 runs x 2000 steps fit 90 min on 2 cores.
+LFW_STEPS = 2000
+
+
+def lfw_config(dataset: str, out: str, toy: bool = False) -> StudyConfig:
+    """The LFW protocol study. Full: 801 training people (sets 1-5, >= 2 images), the 3000 pairs
+    of folds 6-10, 3 losses x 3 seeds, P x K = 16 x 4; toy: 48 training people, the first 2 test folds, one
+    seed, 30 steps of a tiny net (a pipeline check of about a minute)."""
+    if toy:
+        return StudyConfig(dataset=dataset, out=out, protocol="lfw", lfw_max_test_folds=2,
+                           max_train_identities=48, seeds=(0,), ablation=False, toy=True,
+                           train=TrainConfig(steps=30, P=4, K=4, widths=(8, 8, 16, 16),
+                                             embedding_size=32, log_every=5))
+    return StudyConfig(dataset=dataset, out=out, protocol="lfw", seeds=(0, 1, 2), ablation=False,
+                       train=TrainConfig(steps=LFW_STEPS, P=16, K=4, log_every=10))
+
+
 def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
     """Every loss x seed, then the OTFace ablation variants at the first seed."""
     runs = [RunSpec(loss, seed) for seed in cfg.seeds for loss in cfg.losses]
@@ -99,6 +120,7 @@ def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
                        "defaults": OTFACE_DEFAULTS,
+                       **({} if cfg.protocol == "split" else {"protocol": cfg.protocol}),
                        # plugin-route keys stay as they were; other routes add their own fields
                        **({} if cfg.route == "plugin" else {"route": cfg.route, "network": cfg.network})},
                       sort_keys=True, default=str)
@@ -120,12 +142,23 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print
     """
     t_start = time.perf_counter()
     work = cfg.work_dir
-    log(f"[1/3] data: identity-disjoint split and .rec/.bin in {work / 'data'}")
-    prep = prepare(Path(cfg.dataset), work / "data", cfg.test_identities, cfg.pairs, cfg.split_seed,
-                   workers=cfg.workers, max_identities=cfg.max_identities or None, progress=progress)
+    if cfg.protocol == "lfw":
+        from otface_plugin.bench.lfw import prepare_lfw
+
+        log(f"[1/3] data: LFW protocol (people.txt sets / pairs.txt folds), .rec/.bin in {work / 'data'}")
+        prep = prepare_lfw(Path(cfg.dataset), work / "data", cfg.lfw_train_sets, cfg.lfw_max_test_folds,
+                           max_train_identities=cfg.max_train_identities, seed=cfg.split_seed,
+                           workers=cfg.workers, progress=progress)
+        log(f"      {prep.description}")
+    else:
+        log(f"[1/3] data: identity-disjoint split and .rec/.bin in {work / 'data'}")
+        prep = prepare(Path(cfg.dataset), work / "data", cfg.test_identities, cfg.pairs, cfg.split_seed,
+                       workers=cfg.workers, max_identities=cfg.max_identities or None, progress=progress)
     train, (images, pairs, issame) = _load({"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path)})
     log(f"      {len(prep.train_ids)} train identities ({len(train.images)} images), "
         f"{len(prep.test_ids)} test identities: {len(issame)} pairs in {prep.folds} folds")
+    for note in prep.notes:
+        log(f"      note: {note}")
 
     specs = plan_runs(cfg)
     keys = {s.name: run_key(cfg, prep, s) for s in specs}
@@ -318,7 +351,10 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
         "route": ROUTE_LINES[cfg.route].format(network=cfg.network, sampler=cfg.train.sampler,
                                                upstream=os.environ.get("ARCFACE_TORCH_DIR", "")),
         "split": {"train_identities": prep.train_ids, "test_identities": prep.test_ids,
-                  "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed},
+                  "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed,
+                  "pairs_requested": cfg.pairs if cfg.protocol == "split" else prep.pairs,
+                  "notes": prep.notes, "description": prep.description, "protocol": cfg.protocol},
+        "dataset_info": prep.dataset_info,
         "train": asdict(cfg.train), "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
         "losses": list(cfg.losses), "hard_fraction": HARD_FRACTION, "fars": list(FARS),
         "network": cfg.network if cfg.route == "recipe" else None,
@@ -341,7 +377,13 @@ def ot_term_activity(history: Dict[str, List[float]]) -> Dict[str, Any]:
     last = active[-1] if active else None
     thirds = [float(np.mean([t > 0 for t in part])) if len(part) else 0.0
               for part in np.array_split(np.asarray(trip, dtype=float), 3)]
+
+    def by_third(key: str) -> List[float]:
+        return [float(np.mean(part)) if len(part) else 0.0
+                for part in np.array_split(np.asarray(history.get(key, []), dtype=float), 3)]
+
     return {"logged_steps": len(steps), "active_share": len(active) / max(1, len(steps)),
-            "active_share_by_third": thirds,
+            "active_share_by_third": thirds, "mean_ot_by_third": by_third("ot"),
+            "mean_triplets_by_third": by_third("triplets"),
             "last_active_step": last, "first_triplets": trip[0] if trip else 0.0,
             "mean_triplets": float(np.mean(trip)) if trip else 0.0}

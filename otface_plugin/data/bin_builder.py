@@ -24,7 +24,8 @@ from otface_plugin.data.encoding import encode_files, progress_bar
 from otface_plugin.data.errors import DatasetLayoutError, ImageDecodeError
 from otface_plugin.data.folders import IdentityFolder, scan_identity_folders
 
-__all__ = ["BinBuildReport", "build_bin", "make_pairs"]
+__all__ = ["BinBuildReport", "build_bin", "build_bin_from_pairs", "make_pairs",
+           "max_balanced_pairs"]
 
 Pair = Tuple[Path, Path, bool]
 
@@ -70,6 +71,22 @@ def _fold_pairs(folders: Sequence[IdentityFolder], n_same: int, n_diff: int,
     return same + diff
 
 
+def _fold_groups(n: int, folds: int, seed: int) -> Tuple[np.random.Generator, List[np.ndarray]]:
+    """The identity ordinals of each fold, and the generator that then draws the pairs."""
+    rng = np.random.default_rng(seed)
+    return rng, np.array_split(rng.permutation(n), folds)
+
+
+def max_balanced_pairs(folders: Sequence[IdentityFolder], folds: int, seed: int = 0) -> int:
+    """The most pairs ``make_pairs(folders, pairs, folds, seed)`` can draw: ``folds`` x 2 x the
+    distinct same-identity pairs of the poorest fold (0 if a fold has no identity with 2 images)."""
+    if folds < 1 or len(folders) < 2 * folds:
+        return 0
+    _, groups = _fold_groups(len(folders), folds, seed)
+    same = min(sum(len(folders[i].files) * (len(folders[i].files) - 1) // 2 for i in g) for g in groups)
+    return 2 * folds * same
+
+
 def make_pairs(folders: Sequence[IdentityFolder], pairs: int, folds: int = 10, seed: int = 0
                ) -> List[List[Pair]]:
     """Pairs per fold: ``pairs`` in total, ``folds`` identity-disjoint folds, half same."""
@@ -80,9 +97,7 @@ def make_pairs(folders: Sequence[IdentityFolder], pairs: int, folds: int = 10, s
         raise DatasetLayoutError(f"{folds} identity-disjoint folds need at least {2 * folds} "
                                  f"identities (2 per fold for different pairs), got "
                                  f"{len(folders)}; lower --folds")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(folders))
-    groups = np.array_split(order, folds)
+    rng, groups = _fold_groups(len(folders), folds, seed)
     per = pairs // folds
     out = []
     for g in groups:
@@ -119,3 +134,48 @@ def build_bin(image_dir: os.PathLike, out_bin: os.PathLike, pairs: int, *, folds
         with open(tmp[out], "wb") as f:
             pickle.dump((bins, issame), f, protocol=4)
     return BinBuildReport(out, len(issame), sum(issame), folds, len(folders), len(paths))
+
+
+def build_bin_from_pairs(image_dir: os.PathLike, out_bin: os.PathLike, pairs_file: os.PathLike, *,
+                         folds: Optional[Sequence[int]] = None, resize: Optional[int] = 112,
+                         resize_mode: str = "crop", quality: int = 95, img_fmt: str = ".jpg",
+                         workers: int = 1, overwrite: bool = False,
+                         progress: Optional[bool] = None) -> BinBuildReport:
+    """The ``.bin`` of an LFW-format pairs file (e.g. LFW's own ``pairs.txt``), pairs in the file's
+    order: the layout of InsightFace's ``lfw.bin``, so the recipe's ``val_targets: ['lfw']`` and its
+    10-fold evaluation (consecutive folds) see the protocol's folds. ``folds``: 0-based folds to
+    keep (default all). Images are ``image_dir/name/name_NNNN.jpg``; a missing one is an error
+    naming the pairs-file line."""
+    from otface_plugin.data.lfw_protocol import image_path, read_pairs_file
+
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root}: not a directory")
+    pf = read_pairs_file(pairs_file)
+    chosen = list(range(len(pf.folds))) if folds is None else list(folds)
+    flat: List[Pair] = []
+    for p in pf.select(chosen):
+        a, b = image_path(root, p.name1, p.num1), image_path(root, p.name2, p.num2)
+        for path, name, num in ((a, p.name1, p.num1), (b, p.name2, p.num2)):
+            if path is None:
+                raise DatasetLayoutError(f"{pf.path} line {p.line}: image {num} of {name!r} not found "
+                                         f"({root / name / f'{name}_{num:04d}.jpg'})")
+        flat.append((a, b, p.same))
+    paths = sorted({p for a, b, _ in flat for p in (a, b)})
+    encoded = {}
+    bar = progress_bar(len(paths), "build-bin", progress)
+    for path, data, _ in encode_files(paths, size=resize, mode=resize_mode, quality=quality,
+                                      img_fmt=img_fmt, workers=workers):
+        bar.update(1)
+        if isinstance(data, str):
+            raise ImageDecodeError(f"cannot read image {path}: {data}")
+        encoded[path] = data
+    bar.close()
+    bins = [encoded[p] for a, b, _ in flat for p in (a, b)]
+    issame = [bool(s) for _, _, s in flat]
+    out = Path(out_bin)
+    with atomic_outputs([out], overwrite=overwrite) as tmp:
+        with open(tmp[out], "wb") as f:
+            pickle.dump((bins, issame), f, protocol=4)
+    names = {n for a, b, _ in flat for n in (a.parent.name, b.parent.name)}
+    return BinBuildReport(out, len(issame), sum(issame), len(chosen), len(names), len(paths))

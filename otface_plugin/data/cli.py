@@ -58,8 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-bin", help="identity folders -> verification .bin (LFW-style)")
     p.add_argument("image_dir")
     p.add_argument("out_bin")
-    p.add_argument("--pairs", type=int, required=True, help="number of pairs (half same)")
-    p.add_argument("--folds", type=int, default=10, help="identity-disjoint folds (default 10)")
+    p.add_argument("--pairs", type=int, help="number of pairs (half same); required unless --pairs-file")
+    p.add_argument("--folds", default=None, help="identity-disjoint folds (default 10); with "
+                   "--pairs-file: which of the file's folds, 1-based (e.g. 6-10 or 1,3; default all)")
+    p.add_argument("--pairs-file", metavar="PAIRS_TXT",
+                   help="take the pairs, in order, from an LFW-format pairs file (header '10 300', "
+                   "'name i j' same and 'name1 i name2 j' different lines per fold; images "
+                   "IMAGE_DIR/name/name_NNNN.jpg) instead of drawing them")
     p.add_argument("--seed", type=int, default=0)
     _add_image_options(p)
 
@@ -94,9 +99,18 @@ def _run(args) -> int:
                                               else "")
               + f": {r.num_identities} identities, {r.num_images} images"
               + (f", {len(r.skipped)} skipped" if r.skipped else ""))
+    elif args.cmd == "build-bin" and args.pairs_file:
+        _build_bin_from_pairs_file(args, progress)
     elif args.cmd == "build-bin":
         from otface_plugin.data.bin_builder import build_bin
 
+        if args.pairs is None:
+            raise ValueError("build-bin needs --pairs N (or --pairs-file PAIRS_TXT)")
+        try:
+            args.folds = 10 if args.folds is None else int(args.folds)
+        except ValueError:
+            raise ValueError(f"--folds {args.folds!r}: a number of folds (a range like 6-10 needs "
+                             "--pairs-file)") from None
         r = build_bin(args.image_dir, args.out_bin, args.pairs, folds=args.folds,
                       seed=args.seed, resize=args.resize or None, resize_mode=args.resize_mode,
                       quality=args.quality, img_fmt=args.img_fmt,
@@ -143,6 +157,23 @@ def _os_error(e: OSError) -> str:
 def _interrupt(signum, frame):
     # SIGTERM like Ctrl-C: unwind through the builders' cleanup instead of dying mid-write
     raise KeyboardInterrupt
+
+
+def _build_bin_from_pairs_file(args, progress) -> None:
+    """build-bin --pairs-file: the protocol's own pairs (LFW pairs.txt and files in its format)."""
+    from otface_plugin.data.bin_builder import build_bin_from_pairs
+    from otface_plugin.data.lfw_protocol import parse_folds, read_pairs_file
+
+    for opt, val in (("--pairs", args.pairs), ("--identities-from", args.identities_from)):
+        if val is not None:
+            raise ValueError(f"{opt} does not apply with --pairs-file (the file lists the pairs)")
+    folds = parse_folds(args.folds, len(read_pairs_file(args.pairs_file).folds))
+    r = build_bin_from_pairs(args.image_dir, args.out_bin, args.pairs_file, folds=folds,
+                             resize=args.resize or None, resize_mode=args.resize_mode,
+                             quality=args.quality, img_fmt=args.img_fmt, workers=args.workers,
+                             overwrite=args.force, progress=progress)
+    print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same) from {args.pairs_file} folds "
+          f"{','.join(str(k + 1) for k in folds)}, {r.num_identities} identities, {r.num_images} images")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
