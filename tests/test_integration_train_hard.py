@@ -11,8 +11,12 @@ from otface_plugin.arcface_torch import installer
 REFRESH = re.compile(r"HardPKSampler refresh at global step (\w+): (\d+) identities, neighbours in ([\d.]+) s, "
                      r"table (\w+), in effect from (.+)")
 
-HARD_JOB = E2E_JOB.replace("verbose: 16", "verbose: 100000").replace("val_targets: [heldout]", "val_targets: []") \
-    .replace("num_image: 512", "num_image: 256") + """\
+# mbf, 8 steps per epoch, no verification; the otface block only speeds the OT term's start
+HARD_JOB = E2E_JOB.replace("{network}", "mbf").replace("{verbose}", "100000").replace("{num_image}", "256") \
+    .replace("val_targets: [heldout]", "val_targets: []") + """\
+otface:
+  lambda_ot: 1.0
+  warmup_steps: 64
 sampler: hard
 hard:
   neighbours: 1
