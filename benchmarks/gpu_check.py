@@ -277,8 +277,8 @@ def export_check(args, root: Path, out_dir: Path, network: str, face_dir: Path) 
     if code != 0:
         return {"error": "torch2onnx.py failed: " + tail(out, 800)}
     face = sorted(face_dir.glob("*.pgm"))[0]
-    check = itest.CHECK_EXPORT.replace('"mbf"', repr(network)).format(
-        root=str(root), pt=str(out_dir / "model.pt"), onnx=str(out_dir / "model.onnx"), face=str(face))
+    check = itest.CHECK_EXPORT.format(network=network, root=str(root), pt=str(out_dir / "model.pt"),
+                                      onnx=str(out_dir / "model.onnx"), face=str(face))
     code, out = run([args.train_python, "-c", check], 600, cwd=root)
     if code != 0:
         return {"error": "insightface load failed: " + tail(out, 800)}
