@@ -44,13 +44,20 @@ def _is_png(path: Path) -> bool:
         return im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
 
 
+def meta_sampler(res) -> str:
+    from otface_plugin.bench.report import sampler_of
+
+    return sampler_of(res["meta"])
+
+
 @pytest.mark.slow
 def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
     out = tmp_path / "results"
     assert main([str(dataset), "--toy", "--route", "plugin", "--out", str(out), "--no-progress"]) == 0
 
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"meta", "summary", "paired", "ablation", "ot_activity", "runs"}
+    assert set(res) == {"meta", "summary", "paired", "ablation", "sampler_comparison", "ot_activity", "runs"}
+    assert res["sampler_comparison"] == {} and meta_sampler(res) == "pk"
     assert set(res["ot_activity"]) == {"otface-default-s0", "otface-lambda=0.3-s0", "otface-feature=embedding-s0"}
     assert all(0 <= a["active_share"] <= 1 for a in res["ot_activity"].values())
     meta = res["meta"]
@@ -92,6 +99,24 @@ def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
     assert res2["meta"]["runs_trained_this_invocation"] == 0
     assert res2["summary"] == res["summary"]
 
+    # Third call adds the sampler comparison: the 5 pk runs are reused, only OTFace x hard trains,
+    # and it stays out of the loss tables.
+    capsys.readouterr()
+    assert main([str(dataset), "--toy", "--route", "plugin", "--out", str(out), "--no-progress",
+                 "--compare-sampler", "otface"]) == 0
+    assert "6 planned, 5 already finished, 1 to train" in capsys.readouterr().out
+    res3 = json.loads((out / "results.json").read_text())
+    assert res3["summary"] == res["summary"] and res3["paired"] == res["paired"]
+    hard = res3["runs"]["otface-default-hard-s0"]
+    assert hard["sampler"] == "hard" and not hard["main"] and res3["runs"]["otface-default-s0"]["main"]
+    comp = res3["sampler_comparison"]["otface"]
+    assert comp["sampler"] == "hard" and comp["baseline"] == "pk" and comp["runs"] == ["otface-default-hard-s0"]
+    d = comp["paired"]["accuracy"]
+    assert d["n"] == 1 and d["mean"] == pytest.approx(hard["accuracy"] - res3["runs"]["otface-default-s0"]["accuracy"])
+    assert "otface-default-hard-s0" in res3["ot_activity"]
+    report = (out / "REPORT.md").read_text()
+    assert "Sampler comparison" in report and "OTFace hard − pk" in report
+
 
 @pytest.mark.slow
 def test_interrupted_run_is_retrained_cleanly(dataset, tmp_path):
@@ -105,3 +130,9 @@ def test_interrupted_run_is_retrained_cleanly(dataset, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["runs_trained_this_invocation"] == 1
     assert json.loads((run / "result.json").read_text())["spec"]["loss"] == "otface"
+
+
+def test_compare_sampler_must_name_main_losses(dataset, tmp_path):
+    with pytest.raises(SystemExit, match="--compare-sampler .*cosface.* not in --losses"):
+        main([str(dataset), "--toy", "--out", str(tmp_path), "--losses", "arcface,otface",
+              "--compare-sampler", "cosface"])

@@ -93,6 +93,6 @@ def test_hard_sampler_batches_follow_the_centres(monkeypatch):
     for _, y in hard[2:]:  # P = 4: round(0.5 * 4) = 2 of them are a seed and its pair
         ids = y[::2]
         assert ids[0] // 2 == ids[1] // 2
-    cfg = TrainConfig(steps=3, P=4, K=2, widths=(4, 4, 8, 8), embedding_size=16, sampler="hard")
-    _, history, _ = train_run(RunSpec("arcface", 0), cfg, ts)
+    cfg = TrainConfig(steps=3, P=4, K=2, widths=(4, 4, 8, 8), embedding_size=16)
+    _, history, _ = train_run(RunSpec("arcface", 0, sampler="hard"), cfg, ts)
     assert len(history["loss"]) >= 1

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from otface_plugin.bench.data import BenchError, default_dataset_dir
+from otface_plugin.bench.data import SAMPLERS, BenchError, default_dataset_dir
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
 from otface_plugin.bench.train import LOSS_CHOICES, LOSSES
 from otface_plugin.data.errors import DatasetLayoutError
@@ -67,8 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--route", choices=("auto", "plugin", "recipe"), default="auto",
                    help="plugin: own minimal loop; recipe: patched train_v2.py from $ARCFACE_TORCH_DIR; "
                    "auto (default): recipe when ARCFACE_TORCH_DIR is set, else plugin")
-    p.add_argument("--sampler", choices=("pk", "hard"), default="pk",
+    p.add_argument("--sampler", choices=SAMPLERS, default="pk",
                    help="batches: P x K (pk) or with groups of neighbouring identities (hard)")
+    p.add_argument("--compare-sampler", default="", metavar="LOSSES",
+                   help="comma-separated losses also trained with the other sampler (hard when --sampler "
+                   "is pk) on the same seeds; the report adds the paired other - main differences")
     p.add_argument("--network", default="mbf", help="upstream backbone of the recipe route (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -93,8 +96,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         train = replace(train, steps=args.steps)
     if args.threads:
         train = replace(train, threads=args.threads)
-    train = replace(train, sampler=args.sampler)
-    cfg = replace(cfg, train=train, work=args.work)
+    cfg = replace(cfg, train=train, work=args.work, sampler=args.sampler)
     cfg = replace(cfg, jobs=args.jobs or min(2, os.cpu_count() or 1))
     from otface_plugin.bench.recipe import resolve_route
 
@@ -106,6 +108,11 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     if unknown:
         raise SystemExit(f"otface-bench: unknown loss {unknown}; choose from {LOSS_CHOICES}")
     cfg = replace(cfg, losses=losses)
+    compare = tuple(x.strip() for x in args.compare_sampler.split(",") if x.strip())
+    if set(compare) - set(losses):
+        raise SystemExit(f"otface-bench: --compare-sampler {sorted(set(compare) - set(losses))} not in "
+                         f"--losses {losses}: the comparison is paired with the main runs of the same loss")
+    cfg = replace(cfg, compare_sampler=compare)
     if args.no_ablation:
         cfg = replace(cfg, ablation=False)
     elif args.ablation:

@@ -250,6 +250,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+SAMPLERS = ("pk", "hard")  # the study's batch plans: PKSampler, HardPKSampler
 HARD_REFRESH_STEPS = 20  # sampler "hard": class centres re-read every this many steps
 
 
@@ -263,8 +264,8 @@ def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int, 
     ``sampler="hard"``: HardPKSampler, its neighbours refreshed from ``centres()`` (the margin
     head's class centres) every ``HARD_REFRESH_STEPS`` steps, in effect from the next step (this
     loop plans no step ahead)."""
-    if sampler not in ("pk", "hard"):
-        raise ValueError(f"sampler must be 'pk' or 'hard', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     cls = HardPKSampler if sampler == "hard" else PKSampler
     plan = cls(train.index, batch_size, num_instances=K, num_replicas=1, rank=0, seed=seed)
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from otface_plugin.bench.report import is_main
+
 COLORS = {"arcface": "tab:blue", "cosface": "tab:green", "otface": "tab:red"}
 
 
@@ -36,7 +38,7 @@ def _mean_curve(rows: List[Dict[str, Any]], key: str, only_with_triplets: bool =
 def plot_training(results: Dict[str, Any], path: Path) -> None:
     """Total loss per loss (mean over seeds, band = std) and OTFace's OT components."""
     plt = _plt()
-    runs = [r for r in results["runs"].values() if r["variant"] == "default"]
+    runs = [r for r in results["runs"].values() if is_main(r)]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax = axes[0, 0]
     for loss in results["meta"]["losses"]:
@@ -86,7 +88,7 @@ def plot_roc(results: Dict[str, Any], scores: Dict[str, np.ndarray], issame: np.
     fig, ax = plt.subplots(figsize=(7, 5.5))
     seen = set()
     for name, r in results["runs"].items():
-        if r["variant"] != "default" or name not in scores:
+        if not is_main(r) or name not in scores:
             continue
         far, tar = roc_curve(scores[name], issame)
         label = None if r["loss"] in seen else r["loss"]

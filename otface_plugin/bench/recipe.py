@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -112,9 +113,9 @@ def job_config(spec: RunSpec, train: TrainConfig, rec_dir: Path, num_classes: in
         "num_workers": 1, "rec": str(rec_dir), "num_classes": num_classes,
         "num_image": sch["steps_per_epoch"] * train.batch_size, "num_epoch": sch["epochs"],
         "warmup_epoch": sch["warmup_epoch"], "val_targets": [],
-        "loss": spec.loss, "sampler": train.sampler, "num_instances": train.K,
+        "loss": spec.loss, "sampler": spec.sampler, "num_instances": train.K,
     }
-    if train.sampler == "hard":
+    if spec.sampler == "hard":
         from otface_plugin.bench.data import HARD_REFRESH_STEPS
 
         cfg["hard"] = {"refresh_steps": HARD_REFRESH_STEPS}
@@ -222,8 +223,7 @@ def run_recipe(root: Path, spec: RunSpec, train: TrainConfig, rec_dir: Path, bin
     timing = {"train_seconds": wall, "ms_per_step_mean": float(per_step.mean()),
               "ms_per_step_median": float(np.median(per_step)),
               "eval_seconds": time.perf_counter() - t1, "threads": threads}
-    result = {"key": key, "spec": {"loss": spec.loss, "seed": spec.seed, "variant": spec.variant,
-                                   "options": spec.options},
+    result = {"key": key, "spec": asdict(spec),
               "route": "recipe", "network": network, "history": history, "timing": timing}
     atomic_write_text(run_dir / "result.json", json.dumps(result))
     (root / "configs" / f"{name}.py").unlink(missing_ok=True)

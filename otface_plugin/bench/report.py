@@ -11,6 +11,17 @@ METRICS = [("accuracy", "accuracy (k-fold)"), ("tar@far=0.01", "TAR@FAR=1e-2"),
            ("hard_accuracy_same_seed", "hard pairs (same-seed ArcFace)")]
 
 
+def is_main(run: Dict[str, Any]) -> bool:
+    """A run of the loss tables: not an ablation or sampler-comparison run (results.json from
+    before the sampler comparison has no ``main`` flag: there every default run is one)."""
+    return run.get("main", run["variant"] == "default")
+
+
+def sampler_of(meta: Dict[str, Any]) -> str:
+    """The main runs' sampler (older results.json: in the training config)."""
+    return meta.get("sampler") or meta["train"].get("sampler", "pk")
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -36,8 +47,8 @@ def main_table(res: Dict[str, Any]) -> List[str]:
 T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
 
-def verdict(d: Dict[str, Any]) -> str:
-    """Plain words for a paired difference (per-seed loss - ArcFace): a paired t-test at 5%."""
+def verdict(d: Dict[str, Any], baseline: str = "ArcFace") -> str:
+    """Plain words for a paired difference (per-seed run - baseline run): a paired t-test at 5%."""
     if d["n"] < 2:
         return "one seed only: no spread, no conclusion"
     crit = T_CRIT.get(d["n"] - 1, 2.0)
@@ -47,7 +58,7 @@ def verdict(d: Dict[str, Any]) -> str:
     t = d["mean"] / se
     if abs(t) < crit:
         return f"within seed noise (paired t = {t:.1f}, 5% threshold {crit})"
-    return ("better" if d["mean"] > 0 else "worse") + f" than ArcFace (paired t = {t:.1f} > {crit}, n = {d['n']})"
+    return ("better" if d["mean"] > 0 else "worse") + f" than {baseline} (paired t = {t:.1f} > {crit}, n = {d['n']})"
 
 
 def cost_line(res: Dict[str, Any]) -> List[str]:
@@ -67,7 +78,7 @@ def ot_activity_lines(res: Dict[str, Any]) -> List[str]:
     if not act:
         return []
     steps = res["meta"]["train"]["steps"]
-    default = {n: a for n, a in act.items() if res["runs"][n]["variant"] == "default"}
+    default = {n: a for n, a in act.items() if is_main(res["runs"][n])}
     if not default:
         return []
     share = sum(a["active_share"] for a in default.values()) / len(default)
@@ -132,6 +143,39 @@ def per_seed_lines(res: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def sampler_section(res: Dict[str, Any]) -> List[str]:
+    """The sampler comparison: the same losses and seeds trained with the other batch plan."""
+    comp = res.get("sampler_comparison") or {}
+    if not comp:
+        return []
+    runs = res["runs"]
+    lines = ["### Sampler comparison (same seeds, same initial weights, other batch plan)", "",
+             "| loss | sampler | accuracy % | TAR@FAR=1e-2 % | TAR@FAR=1e-3 % | ms/step (median) |",
+             "|---|---|---|---|---|---|"]
+    for loss, c in comp.items():
+        for sampler, s in ((c["baseline"], res["summary"][loss]), (c["sampler"], c["summary"])):
+            lines.append(f"| {NAMES.get(loss, loss)} | {sampler} | {pm(s['accuracy'])} | {pm(s['tar@far=0.01'])} | "
+                         f"{pm(s['tar@far=0.001'])} | {pm(s['ms_per_step_median'], 1.0, 0)} |")
+    lines += ["", "| comparison | metric | mean difference (points) | std over seeds | better on seeds | reading |",
+              "|---|---|---|---|---|---|"]
+    for loss, c in comp.items():
+        base = f"{NAMES.get(loss, loss)} {c['baseline']}"
+        for m, label in METRICS:
+            if m in c["paired"]:
+                d = c["paired"][m]
+                lines.append(f"| {NAMES.get(loss, loss)} {c['sampler']} − {c['baseline']} | {label} | "
+                             f"{100 * d['mean']:+.2f} | {100 * d['std']:.2f} | {d['wins']}/{d['n']} | "
+                             f"{verdict(d, base)} |")
+    act = res.get("ot_activity") or {}
+    for loss, c in comp.items():
+        other = {n: act[n] for n in c["runs"] if n in act}
+        if other:
+            lines += ["", f"When the OT term acted with `sampler: {c['sampler']}` (mean over its {len(other)} "
+                      f"{NAMES.get(loss, loss)} runs; the table above the per-run list is `sampler: {c['baseline']}`):",
+                      "", *ot_thirds_table(other)]
+    return lines + [""]
+
+
 def ablation_section(res: Dict[str, Any]) -> List[str]:
     abl = res.get("ablation") or {}
     if not abl:
@@ -178,7 +222,7 @@ def recipe_rows(meta: Dict[str, Any]) -> List[str]:
         f"| backbone | upstream `{meta.get('network', 'mbf')}` (`backbones.get_model`), "
         f"{tc['embedding_size']}-d embedding, seeded by the job's `seed` |",
         f"| training | `torchrun --nproc_per_node=1 train_v2.py` per run, {tc['steps']} steps, P x K = "
-        f"{tc['P']} x {tc['K']} (`sampler: {tc.get('sampler', 'pk')}` for every loss), SGD lr {tc['lr']} momentum {tc['momentum']} "
+        f"{tc['P']} x {tc['K']} (`sampler: {sampler_of(meta)}` for every loss), SGD lr {tc['lr']} momentum {tc['momentum']} "
         f"wd {tc['weight_decay']}, PolyScheduler, scale s = 64 (fixed in train_v2.py) |",
     ]
 
@@ -231,7 +275,7 @@ def render(res: Dict[str, Any], command: str) -> str:
         f"| backbone | small iresnet-like net (`otface_plugin.bench.model.BenchNet`, widths {tuple(tc['widths'])}, "
         f"`layer4` 7x7 map, {tc['embedding_size']}-d embedding), same initial weights for every loss of a seed |",
         f"| training | {tc['steps']} steps, P x K = {tc['P']} x {tc['K']} batches from the plugin's "
-        f"{HARD_BATCHES if tc.get('sampler') == 'hard' else PK_BATCHES}, SGD lr {tc['lr']} momentum {tc['momentum']} wd {tc['weight_decay']}, "
+        f"{HARD_BATCHES if sampler_of(meta) == 'hard' else PK_BATCHES}, SGD lr {tc['lr']} momentum {tc['momentum']} wd {tc['weight_decay']}, "
         f"warm-up then poly-2 decay, scale s = {tc['scale']} |"]),
         f"| losses | ArcFace (m = 0.5), CosFace (m = 0.4), OTFace = ArcFace + lambda * L_OT "
         f"({', '.join(f'{k}={v}' for k, v in meta['otface_defaults'].items())}, lambda warm-up over 10% of the steps) |",
@@ -262,6 +306,7 @@ def render(res: Dict[str, Any], command: str) -> str:
         *(paired_lines(res) if res["paired"] else ["(no ArcFace baseline in this run)"]),
         "",
         *ot_activity_lines(res),
+        *sampler_section(res),
         "### Per run",
         "",
         *per_seed_lines(res),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from otface_plugin.bench import metrics as M
-from otface_plugin.bench.data import Prepared, load_bin, load_train, prepare
+from otface_plugin.bench.data import SAMPLERS, Prepared, load_bin, load_train, prepare
 from otface_plugin.bench.train import (LOSSES, OTFACE_DEFAULTS, RunSpec, TrainConfig, load_run,
                                        pair_scores, save_run, train_run)
 
@@ -69,6 +69,12 @@ class StudyConfig:
     lfw_train_sets: str = "1-5"  # people.txt sets to train on (1-based); the other sets' folds test
     lfw_max_test_folds: int = 0  # lfw: only the first N test folds (0: every fold not in lfw_train_sets)
     max_train_identities: int = 0  # lfw: a seeded subset of the training people (0: all)
+    sampler: str = "pk"  # batches of the main runs and the ablation
+    compare_sampler: Tuple[str, ...] = ()  # losses also trained with the other sampler, same seeds
+
+    @property
+    def other_sampler(self) -> str:
+        return next(s for s in SAMPLERS if s != self.sampler)
 
     @property
     def runs_dir(self) -> Path:
@@ -105,19 +111,22 @@ def lfw_config(dataset: str, out: str, toy: bool = False) -> StudyConfig:
 
 
 def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
-    """Every loss x seed, then the OTFace ablation variants at the first seed."""
-    runs = [RunSpec(loss, seed) for seed in cfg.seeds for loss in cfg.losses]
+    """Every loss x seed, the OTFace ablation variants at the first seed, then the sampler
+    comparison's runs (the ``compare_sampler`` losses x seeds with the other sampler)."""
+    runs = [RunSpec(loss, seed, sampler=cfg.sampler) for seed in cfg.seeds for loss in cfg.losses]
     if cfg.ablation and "otface" in cfg.losses:
-        runs += [RunSpec("otface", cfg.seeds[0], v, ABLATION_GRID[v]) for v in cfg.ablation_variants]
+        runs += [RunSpec("otface", cfg.seeds[0], v, ABLATION_GRID[v], cfg.sampler) for v in cfg.ablation_variants]
+    runs += [RunSpec(loss, seed, sampler=cfg.other_sampler) for seed in cfg.seeds for loss in cfg.compare_sampler]
     return runs
 
 
 def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     train = asdict(cfg.train)
     train.pop("threads")  # how a run is computed, not what it computes
-    if train.get("sampler") == "pk":
-        train.pop("sampler")  # keys of runs from before the sampler option stay valid
-    blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
+    run = asdict(spec)
+    if run["sampler"] == "pk":
+        run.pop("sampler")  # keys of runs from before the sampler option stay valid
+    blob = json.dumps({"train": train, "spec": run, "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
                        "defaults": OTFACE_DEFAULTS,
                        **({} if cfg.protocol == "split" else {"protocol": cfg.protocol}),
@@ -292,8 +301,11 @@ def _run_parallel(job, todo: List[RunSpec], runs_dir: Path, keys: Dict[str, str]
 def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
             loaded: Dict[str, Tuple[dict, np.ndarray]], issame: np.ndarray) -> Dict[str, Any]:
     """All numbers: per run, per loss (mean/std over seeds), paired deltas, ablation."""
+    def main_run(loss: str, seed: int, sampler: str = cfg.sampler) -> str:
+        return RunSpec(loss, seed, sampler=sampler).name
+
     def arc_scores(seed: int) -> Optional[np.ndarray]:
-        r = loaded.get(RunSpec("arcface", seed).name)
+        r = loaded.get(main_run("arcface", seed))
         return None if r is None else r[1]
 
     seeds = list(cfg.seeds)
@@ -303,7 +315,9 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
         ev = M.evaluate(scores, issame, prep.folds, FARS)
         correct = ev.pop("correct")
         row: Dict[str, Any] = {"loss": spec.loss, "seed": spec.seed, "variant": spec.variant,
-                               "options": spec.options, **ev}
+                               "options": spec.options, "sampler": spec.sampler,
+                               # a main run: in the loss tables (not an ablation or sampler-comparison run)
+                               "main": spec.variant == "default" and spec.sampler == cfg.sampler, **ev}
         # Hard pairs under the ArcFace model. Same seed: the selection favours every model
         # but that ArcFace one (its errors define the set). Other seed: an independent ArcFace
         # selects, so all three losses of this seed are judged on equal terms.
@@ -322,40 +336,53 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
 
     metric_names = ["accuracy", *[f"tar@far={f:g}" for f in FARS], "hard_accuracy_other_seed",
                     "hard_accuracy_same_seed", "ms_per_step_median", "ms_per_step_mean"]
-    main = [r for r in runs.values() if r["variant"] == "default"]
+    main = [r for r in runs.values() if r["main"]]
     summary: Dict[str, Dict[str, Any]] = {}
     for loss in cfg.losses:
         rows = [r for r in main if r["loss"] == loss]
         summary[loss] = {m: M.mean_std([r[m] for r in rows]) for m in metric_names
                          if rows and all(m in r for r in rows)}
     # Paired by seed: same init, same batches, so the per-seed difference removes most noise.
+    def paired_by_seed(a: List[str], b: List[str]) -> Dict[str, Any]:
+        out = {}
+        for m in ("accuracy", *[f"tar@far={f:g}" for f in FARS], "hard_accuracy_other_seed"):
+            d = [runs[x][m] - runs[y][m] for x, y in zip(a, b) if m in runs[x] and m in runs[y]]
+            if d:
+                out[m] = {**M.mean_std(d), "wins": int(sum(x > 0 for x in d)), "ties": int(sum(x == 0 for x in d))}
+        return out
+
     paired: Dict[str, Dict[str, Any]] = {}
     for loss in cfg.losses:
-        if loss == "arcface" or "arcface" not in cfg.losses:
-            continue
-        paired[f"{loss}-arcface"] = {}
-        for m in ("accuracy", *[f"tar@far={f:g}" for f in FARS], "hard_accuracy_other_seed"):
-            d = [runs[RunSpec(loss, s).name][m] - runs[RunSpec("arcface", s).name][m]
-                 for s in seeds if m in runs[RunSpec(loss, s).name]]
-            if d:
-                paired[f"{loss}-arcface"][m] = {**M.mean_std(d), "wins": int(sum(x > 0 for x in d)),
-                                                "ties": int(sum(x == 0 for x in d))}
+        if loss != "arcface" and "arcface" in cfg.losses:
+            paired[f"{loss}-arcface"] = paired_by_seed([main_run(loss, s) for s in seeds],
+                                                       [main_run("arcface", s) for s in seeds])
+    # Same init and seed, other batch plan: the per-seed difference is the sampler's effect.
+    sampler_comparison: Dict[str, Dict[str, Any]] = {}
+    for loss in cfg.compare_sampler:
+        other = [main_run(loss, s, cfg.other_sampler) for s in seeds]
+        sampler_comparison[loss] = {
+            "sampler": cfg.other_sampler, "baseline": cfg.sampler, "runs": other,
+            "summary": {m: M.mean_std([runs[n][m] for n in other]) for m in metric_names
+                        if all(m in runs[n] for n in other)},
+            "paired": paired_by_seed(other, [main_run(loss, s) for s in seeds])}
     ot_activity = {name: ot_term_activity(r["history"]) for name, r in runs.items() if r["loss"] == "otface"}
     ablation = {}
     if cfg.ablation and "otface" in cfg.losses:
-        ablation["default"] = {"options": dict(OTFACE_DEFAULTS), "run": RunSpec("otface", seeds[0]).name}
+        ablation["default"] = {"options": dict(OTFACE_DEFAULTS), "run": main_run("otface", seeds[0])}
         for v in cfg.ablation_variants:
-            ablation[v] = {"options": ABLATION_GRID[v], "run": RunSpec("otface", seeds[0], v, ABLATION_GRID[v]).name}
+            ablation[v] = {"options": ABLATION_GRID[v],
+                           "run": RunSpec("otface", seeds[0], v, ABLATION_GRID[v], cfg.sampler).name}
     meta = {
         "dataset": str(Path(cfg.dataset).resolve()), "toy": cfg.toy,
-        "route": ROUTE_LINES[cfg.route].format(network=cfg.network, sampler=cfg.train.sampler,
+        "route": ROUTE_LINES[cfg.route].format(network=cfg.network, sampler=cfg.sampler,
                                                upstream=os.environ.get("ARCFACE_TORCH_DIR", "")),
         "split": {"train_identities": prep.train_ids, "test_identities": prep.test_ids,
                   "pairs": prep.pairs, "folds": prep.folds, "split_seed": cfg.split_seed,
                   "pairs_requested": cfg.pairs if cfg.protocol == "split" else prep.pairs,
                   "notes": prep.notes, "description": prep.description, "protocol": cfg.protocol},
         "dataset_info": prep.dataset_info,
-        "train": asdict(cfg.train), "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
+        "train": asdict(cfg.train), "sampler": cfg.sampler, "compare_sampler": list(cfg.compare_sampler),
+        "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
         "losses": list(cfg.losses), "hard_fraction": HARD_FRACTION, "fars": list(FARS),
         "network": cfg.network if cfg.route == "recipe" else None,
         "torch": torch.__version__, "jobs": cfg.jobs if cfg.route == "plugin" else 1, "cpus": os.cpu_count(),
@@ -363,7 +390,7 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     return {"meta": meta, "summary": summary, "paired": paired, "ablation": ablation,
-            "ot_activity": ot_activity, "runs": runs}
+            "sampler_comparison": sampler_comparison, "ot_activity": ot_activity, "runs": runs}
 
 
 def ot_term_activity(history: Dict[str, List[float]]) -> Dict[str, Any]:

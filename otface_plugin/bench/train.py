@@ -45,7 +45,6 @@ class TrainConfig:
     embedding_size: int = 128
     widths: Tuple[int, ...] = (16, 32, 64, 128)
     log_every: int = 10
-    sampler: str = "pk"  # "hard": HardPKSampler on the margin head's class centres
     threads: int = 0  # 0: torch's default (in-process runs); parallel jobs use cpus // jobs
 
     @property
@@ -60,16 +59,18 @@ OTFACE_DEFAULTS: Dict[str, Any] = {"lambda_ot": 0.1, "eps": 0.05, "feature": "co
 
 @dataclass
 class RunSpec:
-    """One (loss, seed, ablation variant) run."""
+    """One (loss, seed, ablation variant, sampler) run."""
 
     loss: str
     seed: int
     variant: str = "default"
     options: Dict[str, Any] = field(default_factory=dict)
+    sampler: str = "pk"  # "hard": HardPKSampler on the margin head's class centres
 
     @property
     def name(self) -> str:
-        return f"{self.loss}-{self.variant}-s{self.seed}"
+        tag = "" if self.sampler == "pk" else f"-{self.sampler}"
+        return f"{self.loss}-{self.variant}{tag}-s{self.seed}"
 
 
 def build_run_loss(spec: RunSpec, cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -116,7 +117,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
     step_times: List[float] = []
     start = time.perf_counter()
     head = loss_fn.margin_loss if is_ot else loss_fn
-    batches = pk_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps, cfg.sampler,
+    batches = pk_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps, spec.sampler,
                          centres=lambda: head.weight.detach())
     for step, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
