@@ -11,7 +11,7 @@ from conftest import NO_UPSTREAM, UPSTREAM
 from otface_plugin.bench import recipe
 from otface_plugin.bench.cli import _parser, config_from_args
 from otface_plugin.bench.study import StudyConfig, run_key
-from otface_plugin.bench.train import RunSpec, TrainConfig
+from otface_plugin.bench.spec import RunSpec, TrainConfig
 
 
 

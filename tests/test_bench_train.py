@@ -5,7 +5,8 @@ import torch
 from otface_plugin.bench.data import TrainSet, pk_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, plan_runs
-from otface_plugin.bench.train import RunSpec, TrainConfig, build_run_loss, lr_at, train_run
+from otface_plugin.bench.spec import RunSpec, TrainConfig
+from otface_plugin.bench.train import build_run_loss, lr_at, train_run
 from otface_plugin.data import IdentityIndex
 
 

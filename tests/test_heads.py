@@ -427,7 +427,8 @@ def test_standalone_otface_loss_takes_a_head_as_its_margin():
 
 def test_bench_study_accepts_the_heads():
     from otface_plugin.bench.cli import _parser, config_from_args
-    from otface_plugin.bench.train import RunSpec, TrainConfig, build_run_loss
+    from otface_plugin.bench.spec import RunSpec, TrainConfig
+    from otface_plugin.bench.train import build_run_loss
 
     cfg = config_from_args(_parser().parse_args(["data", "--toy", "--route", "plugin",
                                                  "--losses", "arcface,adaface,otface"]))

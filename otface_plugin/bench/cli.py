@@ -30,7 +30,7 @@ from typing import List, Optional
 
 from otface_plugin.bench.data import SAMPLERS, BenchError, default_dataset_dir
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
-from otface_plugin.bench.train import LOSS_CHOICES, LOSSES
+from otface_plugin.bench.spec import LOSS_CHOICES, LOSSES
 from otface_plugin.data.errors import DatasetLayoutError
 
 

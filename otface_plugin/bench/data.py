@@ -245,6 +245,18 @@ def load_bin(path: Path) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
             np.asarray(issame, dtype=bool))
 
 
+_LOADED: Dict[str, Any] = {}
+
+
+def load_prepared(rec_dir: Path, bin_path: Path) -> Tuple[TrainSet, Tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+    """The decoded train set and test pairs, once per process (a study's worker processes train
+    several runs on the same data)."""
+    key = f"{rec_dir}|{bin_path}"
+    if _LOADED.get("key") != key:
+        _LOADED.update(key=key, train=load_train(Path(rec_dir)), bin=load_bin(Path(bin_path)))
+    return _LOADED["train"], _LOADED["bin"]
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 -> float in [-1, 1], the recipe's ``(x / 255 - 0.5) / 0.5``."""
     return images.float().div_(127.5).sub_(1.0)

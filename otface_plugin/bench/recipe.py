@@ -11,7 +11,6 @@ sampler for every loss, so all losses see the same data order per seed), trained
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,14 +18,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from otface_plugin.bench.train import OTFACE_DEFAULTS, RunSpec, TrainConfig, atomic_write_text
+from otface_plugin.bench.spec import OTFACE_DEFAULTS, RunSpec, TrainConfig
+from otface_plugin.bench.store import write_result
 
 ENV_UPSTREAM = "ARCFACE_TORCH_DIR"
 ENV_TRAIN_PYTHON = "OTFACE_TRAIN_PYTHON"
@@ -175,7 +174,7 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
 from backbones import get_model
 from otface_plugin.bench.data import load_bin
-from otface_plugin.bench.train import pair_scores
+from otface_plugin.bench.scores import pair_scores
 net = get_model({network!r}, dropout=0.0, fp16=False, num_features={emb})
 net.load_state_dict(torch.load({pt!r}, map_location="cpu"))
 images, pairs, _ = load_bin(__import__("pathlib").Path({bin!r}))
@@ -223,8 +222,26 @@ def run_recipe(root: Path, spec: RunSpec, train: TrainConfig, rec_dir: Path, bin
     timing = {"train_seconds": wall, "ms_per_step_mean": float(per_step.mean()),
               "ms_per_step_median": float(np.median(per_step)),
               "eval_seconds": time.perf_counter() - t1, "threads": threads}
-    result = {"key": key, "spec": asdict(spec),
-              "route": "recipe", "network": network, "history": history, "timing": timing}
-    atomic_write_text(run_dir / "result.json", json.dumps(result))
+    write_result(run_dir, key, spec, history, timing, route="recipe", network=network)
     (root / "configs" / f"{name}.py").unlink(missing_ok=True)
     return timing
+
+
+class RecipeRoute:
+    """Runs one after another through train_v2.py of ``<work>/arcface_torch`` (patched once)."""
+
+    def __init__(self, work: Path, rec_dir: Path, bin_path: Path, num_classes: int, train: TrainConfig,
+                 network: str = DEFAULT_NETWORK, log=print) -> None:
+        self.work, self.rec_dir, self.bin_path, self.num_classes = work, rec_dir, bin_path, num_classes
+        self.train_cfg, self.network, self.log = train, network, log
+
+    def train(self, todo: List[RunSpec], keys: Dict[str, str], runs_dir: Path, bar: Any, done) -> None:
+        root = prepare_checkout(self.work)
+        self.log(f"      recipe: train_v2.py of {root} (patched copy), {self.network}, python {train_python()}")
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            timing = run_recipe(root, spec, self.train_cfg, self.rec_dir, self.bin_path, self.num_classes,
+                                runs_dir / spec.name, keys[spec.name], self.network, self.train_cfg.threads)
+            bar.update(self.train_cfg.steps)
+            done(spec, timing)
+

@@ -148,7 +148,6 @@ def sampler_section(res: Dict[str, Any]) -> List[str]:
     comp = res.get("sampler_comparison") or {}
     if not comp:
         return []
-    runs = res["runs"]
     lines = ["### Sampler comparison (same seeds, same initial weights, other batch plan)", "",
              "| loss | sampler | accuracy % | TAR@FAR=1e-2 % | TAR@FAR=1e-3 % | ms/step (median) |",
              "|---|---|---|---|---|---|"]

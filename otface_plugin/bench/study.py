@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from otface_plugin.bench import metrics as M
-from otface_plugin.bench.data import SAMPLERS, Prepared, load_bin, load_train, prepare
-from otface_plugin.bench.train import (LOSSES, OTFACE_DEFAULTS, RunSpec, TrainConfig, load_run,
-                                       pair_scores, save_run, train_run)
+from otface_plugin.bench.data import SAMPLERS, Prepared, load_prepared, prepare
+from otface_plugin.bench.route import make_route
+from otface_plugin.bench.spec import LOSSES, OTFACE_DEFAULTS, RunSpec, TrainConfig
+from otface_plugin.bench.store import load_run
 
 # One change at a time against the defaults (lambda 0.1, eps 0.05, conv, hard).
 ABLATION_GRID: Dict[str, Dict[str, Any]] = {
@@ -163,7 +164,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print
         log(f"[1/3] data: identity-disjoint split and .rec/.bin in {work / 'data'}")
         prep = prepare(Path(cfg.dataset), work / "data", cfg.test_identities, cfg.pairs, cfg.split_seed,
                        workers=cfg.workers, max_identities=cfg.max_identities or None, progress=progress)
-    train, (images, pairs, issame) = _load({"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path)})
+    train, (_, _, issame) = load_prepared(prep.rec_dir, prep.bin_path)
     log(f"      {len(prep.train_ids)} train identities ({len(train.images)} images), "
         f"{len(prep.test_ids)} test identities: {len(issame)} pairs in {prep.folds} folds")
     for note in prep.notes:
@@ -176,32 +177,13 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print
     log(f"[2/3] runs ({cfg.route} route): {len(specs)} planned, {len(specs) - len(todo)} already finished, "
         f"{len(todo)} to train ({cfg.train.steps} steps each)")
     bar = _bar(len(todo) * cfg.train.steps, "training", progress)
-    job = {"rec_dir": str(prep.rec_dir), "bin": str(prep.bin_path), "train": cfg.train}
-    if cfg.route == "recipe" and todo:
-        from otface_plugin.bench import recipe
 
-        root = recipe.prepare_checkout(work)
-        log(f"      recipe: train_v2.py of {root} (patched copy), {cfg.network}, "
-            f"python {recipe.train_python()}")
-        for spec in todo:
-            bar.set_postfix_str(spec.name)
-            timing = recipe.run_recipe(root, spec, cfg.train, prep.rec_dir, prep.bin_path,
-                                       train.num_classes, runs_dir / spec.name, keys[spec.name],
-                                       cfg.network, cfg.train.threads)
-            bar.update(cfg.train.steps)
-            if not progress:
-                log(f"      {spec.name}: {timing['ms_per_step_median']:.0f} ms/step")
-    elif cfg.route == "recipe":
-        pass
-    elif cfg.jobs <= 1:
-        for spec in todo:
-            bar.set_postfix_str(spec.name)
-            timing = run_one(job, spec, str(runs_dir / spec.name), keys[spec.name],
-                             lambda n: bar.update(n), cfg.train.threads)
-            if not progress:
-                log(f"      {spec.name}: {timing['ms_per_step_median']:.0f} ms/step")
-    else:
-        _run_parallel(job, todo, runs_dir, keys, cfg.jobs, bar, progress, log)
+    def done(spec: RunSpec, timing: Dict[str, float]) -> None:
+        if not progress:  # the bar shows progress otherwise
+            log(f"      {spec.name}: {timing['ms_per_step_median']:.0f} ms/step")
+
+    if todo:
+        make_route(cfg, prep, train.num_classes, log).train(todo, keys, runs_dir, bar, done)
     bar.close()
 
     log("[3/3] metrics")
@@ -210,92 +192,6 @@ def run_study(cfg: StudyConfig, progress: bool = True, log=print
     results["meta"]["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     results["meta"]["runs_trained_this_invocation"] = len(todo)
     return results, {name: r[1] for name, r in loaded.items()}, issame
-
-
-_CACHE: Dict[str, Any] = {}
-
-
-def _load(job: Dict[str, Any]):
-    """Decoded train set and pairs, once per process (workers are reused across runs)."""
-    key = job["rec_dir"] + "|" + job["bin"]
-    if _CACHE.get("key") != key:
-        _CACHE.update(key=key, train=load_train(Path(job["rec_dir"])), bin=load_bin(Path(job["bin"])))
-    return _CACHE["train"], _CACHE["bin"]
-
-
-def run_one(job: Dict[str, Any], spec: RunSpec, run_dir: str, key: str, report=None,
-            threads: int = 0) -> Dict[str, float]:
-    """Train, evaluate and store one run (in this process); returns its timings."""
-    if threads:
-        torch.set_num_threads(threads)
-    train, (images, pairs, _) = _load(job)
-    pending = [0]
-
-    def on_step(step: int) -> None:
-        pending[0] += 1
-        if report and (pending[0] >= 10 or step == job["train"].steps - 1):
-            report(pending[0])
-            pending[0] = 0
-
-    net, history, timing = train_run(spec, job["train"], train, on_step=on_step)
-    t0 = time.perf_counter()
-    scores = pair_scores(net, images, pairs)
-    timing["eval_seconds"] = time.perf_counter() - t0
-    timing["threads"] = torch.get_num_threads()
-    save_run(Path(run_dir), key, spec, net, history, timing, scores)
-    return timing
-
-
-_QUEUE = None
-
-
-def _init_worker(queue) -> None:
-    """Pool initializer: keep the progress queue; leave Ctrl-C to the parent, which terminates
-    the pool (a worker killed mid-run leaves no result.json, so the run restarts next time)."""
-    import signal
-
-    global _QUEUE
-    _QUEUE = queue
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _worker(job, spec, run_dir, key, threads) -> Dict[str, float]:
-    return run_one(job, spec, run_dir, key, _QUEUE.put, threads)
-
-
-def _run_parallel(job, todo: List[RunSpec], runs_dir: Path, keys: Dict[str, str], jobs: int, bar,
-                  progress: bool, log) -> None:
-    """Runs in ``jobs`` single-threaded processes. On a small CPU this beats one process with
-    several threads (no OpenMP barriers per op) and degrades gracefully when the machine is
-    shared: oversubscribed OpenMP threads spin-wait and can slow a step down tenfold."""
-    import multiprocessing as mp
-    import queue as queue_mod
-
-    ctx = mp.get_context("spawn")  # no fork of a process that already ran OpenMP regions
-    threads = max(1, (os.cpu_count() or jobs) // jobs)
-    q = ctx.Queue()
-    pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(q,))
-    try:
-        pending = {s.name: pool.apply_async(_worker, (job, s, str(runs_dir / s.name), keys[s.name], threads))
-                   for s in todo}
-        while pending:
-            try:
-                bar.update(q.get(timeout=0.5))
-                while True:
-                    bar.update(q.get_nowait())
-            except queue_mod.Empty:
-                pass
-            for name in [n for n, r in pending.items() if r.ready()]:
-                timing = pending.pop(name).get()  # a failed run stops the study with its error
-                bar.set_postfix_str(f"{name} done")
-                if not progress:
-                    log(f"      {name}: {timing['ms_per_step_median']:.0f} ms/step")
-        pool.close()
-    except BaseException:
-        pool.terminate()  # Ctrl-C or a failed run: stop the other workers now
-        raise
-    finally:
-        pool.join()
 
 
 def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
