@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from otface_plugin import build_loss
+from otface_plugin.atomicfile import atomic_write as atomic_write_text  # also bench.recipe's
 from otface_plugin.bench.data import TrainSet, normalise, pk_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.features import FeatureCapture
@@ -166,13 +167,6 @@ def pair_scores(net: torch.nn.Module, images: torch.Tensor, pairs: np.ndarray) -
     e = embed(net, images)
     p = torch.from_numpy(pairs)
     return (e[p[:, 0]] * e[p[:, 1]]).sum(1).double().numpy()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so an interrupted run never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_run(run_dir: Path, key: str, spec: RunSpec, net: torch.nn.Module, history: dict,

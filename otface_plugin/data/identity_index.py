@@ -30,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from otface_plugin.atomicfile import atomic_file
 from otface_plugin.data.errors import RecordIOError
 from otface_plugin.data.layout import FLOAT32_EXACT, parse_header
 from otface_plugin.data.recordio import (FRAME_HEADER_SIZE, IR_HEADER_SIZE, MAGIC,
@@ -212,15 +212,8 @@ class IdentityIndex:
             arrays["record_keys"] = self._record_keys
         for k, v in (meta or {}).items():
             arrays["meta_" + k] = np.asarray(v)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: PathLike) -> Tuple["IdentityIndex", dict]:
@@ -234,13 +227,6 @@ class IdentityIndex:
                       record_keys=z["record_keys"] if "record_keys" in z.files else None,
                       record_base=int(z["record_base"]), source=f"cache {path}")
         return idx, meta
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 # Where the vectorised reads find an IRHeader's fields in a one-part record: the frame header,
