@@ -21,7 +21,7 @@ import torch
 
 from otface_plugin.data import HardPKSampler, IdentityIndex, MXIndexedRecordIO, PKSampler
 from otface_plugin.data.dataset import read_image_record
-from otface_plugin.data.folders import format_identity_list, read_identity_list
+from otface_plugin.data.folders import read_identity_list, write_identity_list
 from otface_plugin.data.imagecodec import decode_image
 
 ENV_SHARED = "OTFACE_SHARED_DATA"
@@ -146,8 +146,8 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
             from otface_plugin.data.folders import split_identities
 
             train, hold = split_identities(names, test_identities / len(names), seed)
-            tr.write_text(format_identity_list(train))
-            ho.write_text(format_identity_list(hold))
+            write_identity_list(tr, train)
+            write_identity_list(ho, hold)
         else:  # the CLI takes a fraction: this one yields exactly test_identities of len(names)
             _cli(["split", str(dataset), "--holdout-fraction", repr(test_identities / len(names)),
                   "--seed", str(seed), "--train-list", str(tr), "--holdout-list", str(ho)])
