@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -253,9 +254,17 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 HARD_REFRESH_STEPS = 20  # sampler "hard": class centres re-read every this many steps
 
 
-def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int, sampler: str = "pk",
-               centres: Optional[Callable[[], torch.Tensor]] = None
-               ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def pk_batches(*args: Any, **kwargs: Any) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Deprecated name of :func:`train_batches` (it serves ``sampler="hard"`` too, and
+    ``otface_plugin.demo`` has its own, unrelated ``pk_batches``)."""
+    warnings.warn("otface_plugin.bench.data.pk_batches is deprecated; use train_batches",
+                  DeprecationWarning, stacklevel=2)
+    return train_batches(*args, **kwargs)
+
+
+def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int,
+                  sampler: str = "pk", centres: Optional[Callable[[], torch.Tensor]] = None
+                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` P x K batches from the plugin's PKSampler, epoch after epoch, with the recipe's
     random horizontal flip drawn from a generator of its own: the order and the flips depend
     only on ``seed``, so every loss sees the same images in the same order.
