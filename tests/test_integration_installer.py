@@ -14,12 +14,9 @@ from conftest import REPO, UPSTREAM, needs_upstream
 from otface_plugin.arcface_torch import installer
 from otface_plugin.arcface_torch.patchset import git_blob_id
 from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS
+from helpers import snapshot
 
 pytestmark = [pytest.mark.upstream, needs_upstream]
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
