@@ -500,11 +500,6 @@ class MXIndexedRecordIO(MXRecordIO):
         self._offsets = np.asarray(pos, dtype=np.int64)  # every line, duplicates included
         check_offsets(self.idx_path, self.uri, keys, self._offsets, self._reader.size)
 
-    @property
-    def offsets(self) -> np.ndarray:
-        """Byte offset of every ``.idx`` line, in file order (duplicate keys included)."""
-        return self._offsets
-
     def missing_keys(self, keys: np.ndarray) -> np.ndarray:
         """The int ``keys`` that have no ``.idx`` entry."""
         keys = np.asarray(keys, dtype=np.int64)
