@@ -193,7 +193,7 @@ def bench_index_on_disk(n_id: int, per: int, rows: List[Row]) -> None:
         rows.append(("IdentityIndex.from_rec via label scan, cached", "plugin",
                      f"{dt:,.2f} s", fmt_mb(peak)))
         t = time.perf_counter()
-        R._parse_idx(os.path.join(d, "train.idx"), int)
+        R.parse_idx(os.path.join(d, "train.idx"), int)
         rows.append((f"  of which .idx parse ({n + n_id + 1:,} lines)", "plugin",
                      f"{time.perf_counter() - t:,.2f} s", ""))
         idx = os.path.join(d, "train.idx")

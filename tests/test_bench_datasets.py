@@ -3,23 +3,16 @@ identities can give (and said), one-line errors with a non-zero exit, and a repo
 dataset it was given."""
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from otface_plugin.bench import report
 from otface_plugin.bench.cli import main
 from otface_plugin.bench.data import BenchError, choose_folds_and_pairs, describe_dataset, prepare
+from helpers import make_faces
 
 
 def _faces(root: Path, counts) -> Path:
-    rng = np.random.default_rng(0)
-    for i, n in enumerate(counts):
-        d = root / f"id{i:03d}"
-        d.mkdir(parents=True)
-        for j in range(n):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / f"{j}.png")
-    return root
+    return make_faces(root, n_img=counts, size=16, names=[f"id{i:03d}" for i in range(len(counts))])
 
 
 def test_pairs_and_folds_are_lowered_to_what_the_held_out_identities_give(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from otface_plugin.atomicfile import temp_path
 from otface_plugin.bench.cli import main
 from otface_plugin.bench.data import default_dataset_dir
 
@@ -125,7 +126,7 @@ def test_interrupted_run_is_retrained_cleanly(dataset, tmp_path):
     assert main(args) == 0
     run = out / "_work" / "runs" / "otface-default-s0"
     (run / "result.json").unlink()  # as if killed before the run finished
-    (run / "model.pt.tmp").write_bytes(b"partial")
+    temp_path(run / "model.pt").write_bytes(b"partial")
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["runs_trained_this_invocation"] == 1

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from otface_plugin.bench.data import TrainSet, pk_batches
+from otface_plugin.bench.data import TrainSet, pk_batches, train_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, plan_runs
 from otface_plugin.bench.spec import RunSpec, TrainConfig
@@ -42,15 +42,23 @@ def test_all_losses_start_from_the_same_weights():
 
 def test_batches_depend_only_on_the_seed():
     ts = _tiny_train_set()
-    a = list(pk_batches(ts, 8, 2, seed=5, steps=7))
-    b = list(pk_batches(ts, 8, 2, seed=5, steps=7))
-    c = list(pk_batches(ts, 8, 2, seed=6, steps=7))
+    a = list(train_batches(ts, 8, 2, seed=5, steps=7))
+    b = list(train_batches(ts, 8, 2, seed=5, steps=7))
+    c = list(train_batches(ts, 8, 2, seed=6, steps=7))
     assert len(a) == 7  # more steps than one epoch (24 // 8 = 3): epochs continue
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, c))
     for x, y in a:  # P x K: 4 identities x 2 images, values in [-1, 1]
         assert sorted(torch.bincount(y).tolist()) == [2, 2, 2, 2]
         assert x.min() >= -1 and x.max() <= 1
+
+
+def test_pk_batches_is_a_deprecated_alias_of_train_batches():
+    ts = _tiny_train_set()
+    with pytest.warns(DeprecationWarning, match="use train_batches"):
+        old = list(pk_batches(ts, 8, 2, seed=5, steps=3))
+    new = list(train_batches(ts, 8, 2, seed=5, steps=3))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(old, new))
 
 
 def test_lr_schedule_warmup_then_poly_decay():
@@ -88,8 +96,8 @@ def test_hard_sampler_batches_follow_the_centres(monkeypatch):
     monkeypatch.setattr(bench_data, "HARD_REFRESH_STEPS", 2)
     ts = _tiny_train_set(classes=16, per=4)
     centres = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, 0)
-    pk = list(pk_batches(ts, 8, 2, seed=1, steps=12))
-    hard = list(pk_batches(ts, 8, 2, seed=1, steps=12, sampler="hard", centres=lambda: centres))
+    pk = list(train_batches(ts, 8, 2, seed=1, steps=12))
+    hard = list(train_batches(ts, 8, 2, seed=1, steps=12, sampler="hard", centres=lambda: centres))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(pk[:2], hard[:2]))  # before the first refresh
     for _, y in hard[2:]:  # P = 4: round(0.5 * 4) = 2 of them are a seed and its pair
         ids = y[::2]

@@ -11,6 +11,7 @@ from otface_plugin.data.dataset import read_image_record
 from otface_plugin.data.errors import DatasetLayoutError, ImageDecodeError
 from otface_plugin.data.imagecodec import encode_image
 from otface_plugin.data.rec_builder import build_rec
+from helpers import make_faces
 
 
 def write_rec(tmp_path, payloads, name="t"):
@@ -126,15 +127,8 @@ def test_idx_from_another_file_is_detected_by_the_index(tmp_path):
         IdentityIndex.from_rec(rec, other, cache=False)
 
 
-def _faces(tmp_path, n_id=3, n_img=3):
-    root = tmp_path / "faces"
-    for c in range(n_id):
-        d = root / f"id{c}"
-        d.mkdir(parents=True)
-        for j in range(n_img):
-            img = np.full((16, 16), 40 * c + j, np.uint8)
-            (d / f"{j}.png").write_bytes(encode_image(img, ".png"))
-    return root
+def _faces(tmp_path):
+    return make_faces(tmp_path / "faces", 3, 3, 16, value=lambda c, j: 40 * c + j)
 
 
 def test_empty_identity_folder(tmp_path, capsys):

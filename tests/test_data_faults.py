@@ -10,11 +10,10 @@ import random
 import signal
 import time
 
-import numpy as np
 import pytest
 
-from otface_plugin.data.imagecodec import encode_image
 from otface_plugin.data.rec_builder import build_rec
+from helpers import make_faces
 
 pytestmark = pytest.mark.slow
 OUTS = ("train.rec", "train.idx", "property")
@@ -52,15 +51,6 @@ def start(args, kill_at_step=0):
     p = FORK.Process(target=_child, args=(args, kill_at_step))
     p.start()
     return p
-
-
-def make_faces(root, n_id, n_img, size, shade=0):
-    for c in range(n_id):
-        (root / f"id{c}").mkdir(parents=True)
-        for j in range(n_img):
-            img = np.full((size, size), (shade + 9 * c + j) % 256, np.uint8)
-            (root / f"id{c}" / f"{j}.png").write_bytes(encode_image(img, ".png"))
-    return root
 
 
 def outputs(d):
@@ -103,8 +93,9 @@ def recover_and_check(d, old, new):
 
 def scene(tmp_path, n_id, n_img, size):
     """Faces for the new build, and the old and new outputs a finished run leaves."""
-    old_faces = make_faces(tmp_path / "old_faces", 2, 2, 16)
-    new_faces = make_faces(tmp_path / "new_faces", n_id, n_img, size, shade=100)
+    old_faces = make_faces(tmp_path / "old_faces", 2, 2, 16, value=lambda c, j: 9 * c + j)
+    new_faces = make_faces(tmp_path / "new_faces", n_id, n_img, size,
+                           value=lambda c, j: 100 + 9 * c + j)
     ref_old, ref_new = tmp_path / "ref_old", tmp_path / "ref_new"
     ref_old.mkdir()
     ref_new.mkdir()

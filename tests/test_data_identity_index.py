@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
+from otface_plugin import atomicfile
 from otface_plugin.data import IdentityIndex, IRHeader, MXIndexedRecordIO, RecordIOError, pack
 from otface_plugin.data import identity_index as ii
 
@@ -98,14 +99,14 @@ def test_read_only_dataset_dir_falls_back_to_user_cache(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     rec, _ = write_insightface_rec(data / "train", COUNTS)
-    real_mkstemp = ii.tempfile.mkstemp
+    real_create = atomicfile.create_new
 
-    def mkstemp(*args, dir=None, **kw):  # root ignores chmod, so simulate EACCES
-        if os.path.samefile(dir, data):
-            raise PermissionError(13, "Permission denied", str(dir))
-        return real_mkstemp(*args, dir=dir, **kw)
+    def create_new(path):  # root ignores chmod, so simulate EACCES
+        if os.path.samefile(os.path.dirname(path), data):
+            raise PermissionError(13, "Permission denied", str(data))
+        return real_create(path)
 
-    monkeypatch.setattr(ii.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomicfile, "create_new", create_new)
     monkeypatch.setenv("OTFACE_CACHE_DIR", str(tmp_path / "cache"))
     IdentityIndex.from_rec(rec, use_header=False)
     assert sorted(os.listdir(data)) == ["train.idx", "train.rec"]  # nothing written there

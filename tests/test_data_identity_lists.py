@@ -2,28 +2,17 @@
 folder name the file system allows; hand-written lists keep their simple rules."""
 import os
 
-import numpy as np
 import pytest
 
 from otface_plugin.data.cli import main as cli
 from otface_plugin.data.folders import read_identity_list
-from otface_plugin.data.imagecodec import encode_image
 from otface_plugin.data.rec_builder import build_rec
+from helpers import make_faces
 
 # '#' inside and in front, surrounding spaces, a quote in front, a tab, a newline, non-ASCII,
 # and bytes that are not UTF-8 (os.fsdecode gives surrogate escapes, as os.listdir does)
 NAMES = ["John", "John #2", "#hash", "trail ", " lead", '"quoted"', "tab\there", "new\nline",
          "José", "a b", os.fsdecode(b"raw\xff\xfe")]
-
-
-def make_faces(root, names, n_img=2):
-    for c, name in enumerate(names):
-        d = root / name
-        d.mkdir(parents=True)
-        for j in range(n_img):
-            img = np.full((8, 8), 20 * c + j, np.uint8)
-            (d / f"{j}.png").write_bytes(encode_image(img, ".png"))
-    return root
 
 
 def test_names_round_trip_through_the_line_format(tmp_path):
@@ -39,7 +28,7 @@ def test_names_round_trip_through_the_line_format(tmp_path):
 
 
 def test_split_output_reads_back_exactly_and_builds_those_identities(tmp_path, capsys):
-    root = make_faces(tmp_path / "faces", NAMES)
+    root = make_faces(tmp_path / "faces", n_img=2, names=NAMES)
     assert sorted(os.listdir(root)) == sorted(NAMES)
     tr, ho = tmp_path / "train.txt", tmp_path / "hold.txt"
     assert cli(["split", str(root), "--holdout-fraction", "0.45", "--seed", "1",
@@ -85,7 +74,7 @@ def test_bad_list_lines_name_file_and_line(tmp_path, text, err):
 
 
 def test_a_name_matching_no_folder_is_an_error_naming_it(tmp_path, capsys):
-    root = make_faces(tmp_path / "faces", ["trail ", "John #2", "Ann"])
+    root = make_faces(tmp_path / "faces", n_img=2, names=["trail ", "John #2", "Ann"])
     lst = tmp_path / "ids.txt"
     for text, missing in (("Ann\ntrail\n", '"trail"'), ("John\n", '"John"'),
                           ("Ann\nNobody Here\n", '"Nobody Here"')):

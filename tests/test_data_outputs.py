@@ -15,22 +15,7 @@ import pytest
 from otface_plugin.data.cli import main as cli
 from otface_plugin.data.imagecodec import encode_image
 from conftest import REPO
-
-
-def make_faces(root, n_id=4, n_img=3, size=8):
-    for c in range(n_id):
-        d = root / f"id{c}"
-        d.mkdir(parents=True)
-        for j in range(n_img):
-            img = np.full((size, size), (20 * c + j) % 256, np.uint8)
-            (d / f"{j}.png").write_bytes(encode_image(img, ".png"))
-    return root
-
-
-def snapshot(d):
-    """Every file under ``d`` (hidden ones included) with its bytes."""
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file()}
+from helpers import make_faces, snapshot
 
 
 def run_cli(*args):

@@ -11,7 +11,7 @@ import pytest
 from otface_plugin.data import (IRHeader, MXIndexedRecordIO, MXRecordIO, RecordIOError, pack,
                                 pack_img, unpack, unpack_img)
 from otface_plugin.data.imagecodec import decode_image, encode_image
-from otface_plugin.data.recordio import MAGIC, frame_record
+from otface_plugin.data.recordio import MAGIC, MissingRecordError, frame_record, split_lrec
 
 M = struct.pack("<I", MAGIC)
 
@@ -86,6 +86,27 @@ def test_non_contiguous_and_duplicate_keys(tmp_path):
     assert r.read_idx(10) == b"rec10\x00" and r.read_idx(7) == b"rec7\x02"
     assert r.read_idx(3) == b"rec3\x03"
     assert 5 not in r.idx and 7 in r.idx
+
+
+@pytest.mark.parametrize("keys", [(1, 2, 3, 4), (10, 3, 7, 3)], ids=["consecutive", "sorted-lookup"])
+def test_offsets_of_is_the_vectorised_key_lookup(tmp_path, keys):
+    w = MXIndexedRecordIO(tmp_path / "a.idx", tmp_path / "a.rec", "w")
+    for k in keys:
+        w.write_idx(k, b"x" * k)
+    w.close()
+    r = MXIndexedRecordIO(tmp_path / "a.idx", tmp_path / "a.rec", "r")
+    ask = np.array(sorted(set(keys), reverse=True))
+    assert r.offsets_of(ask).tolist() == [r.idx[int(k)] for k in ask]  # last duplicate wins
+    with pytest.raises(MissingRecordError, match=r"a\.idx: identity record 5 is not in the index "
+                                                 r"of .*a\.rec \(2 keys missing\)"):
+        r.offsets_of(np.array([keys[0], 5, 99]), "identity record")
+    assert r.missing_keys(np.array([5, keys[0], 99])).tolist() == [5, 99]
+
+
+def test_split_lrec_on_ints_and_arrays():
+    assert split_lrec((3 << 29) | 12345) == (3, 12345)
+    cflag, length = split_lrec(np.array([(1 << 29) | 7, 8], dtype=np.uint32))
+    assert cflag.tolist() == [1, 0] and length.tolist() == [7, 8]
 
 
 def test_string_keys_use_slow_path(tmp_path):

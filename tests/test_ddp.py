@@ -2,7 +2,6 @@
 the layer4 hook work through DDP, and DDP's gradients are the mean of the ranks' local ones."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -11,30 +10,15 @@ import torch.multiprocessing as mp
 
 from otface_plugin.features import FeatureCapture
 from otface_plugin.losses import OTFaceLoss
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layer1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.layer4 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = torch.nn.Linear(16 * 4 * 4, 16)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.layer4(torch.relu(self.layer1(x)))).flatten(1))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
+from helpers import TinyBackbone
 
 
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    net = Net()
+    net = TinyBackbone(dim=16, widths=(8, 16))
     local = copy.deepcopy(net)
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     cap_ddp, cap_local = FeatureCapture(ddp, "layer4"), FeatureCapture(local, "layer4")
@@ -67,7 +51,7 @@ def test_otface_under_ddp_gloo():
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
         results = dict(out)
     for rank in range(world):
         r = results[rank]

@@ -9,19 +9,7 @@ from easydict import EasyDict as edict
 from otface_plugin.arcface_torch import build_head, build_sampler, log_components, prepare_config
 from otface_plugin.arcface_torch.hooks import OTFaceHead, identity_index
 from otface_plugin.arcface_torch.tv_compat import transforms
-
-
-class TinyBackbone(torch.nn.Module):
-    """iresnet-like: a `layer4` conv stage, then an embedding."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.layer4 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = torch.nn.Linear(16 * 4 * 4, 32)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.layer4(torch.relu(self.stem(x))), 1))
+from helpers import TinyBackbone
 
 
 class FakePartialFC(torch.nn.Module):

@@ -14,12 +14,9 @@ from conftest import REPO, UPSTREAM, needs_upstream
 from otface_plugin.arcface_torch import installer
 from otface_plugin.arcface_torch.patchset import git_blob_id
 from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS
+from helpers import snapshot
 
 pytestmark = [pytest.mark.upstream, needs_upstream]
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -211,7 +208,7 @@ def replace(src, dst):  # SIGKILL just before the Nth rename: the temp file is w
     if len(calls) == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
-installer.os.replace = replace
+os.replace = replace
 installer.main(sys.argv[1:2] + sys.argv[3:])
 """
 
@@ -257,23 +254,24 @@ def test_stale_temp_file_is_removed_when_already_installed(checkout):
 
 @pytest.mark.parametrize("action", ["install", "revert"])
 def test_read_only_utils_is_a_one_line_error_saying_what_was_put_back(checkout, monkeypatch, capsys, action):
-    """Simulated with a monkeypatched tempfile.mkstemp raising PermissionError for utils/ (the
+    """Simulated with a monkeypatched temp-file creation raising PermissionError for utils/ (the
     tests run as root, which ignores permission bits); test_read_only_utils_for_real checks the
     same with chmod where the tests do not run as root."""
     import errno
-    import tempfile
+
+    from otface_plugin import atomicfile
 
     if action == "revert":
         installer.install(checkout)
     before = snapshot(checkout)
-    real = tempfile.mkstemp
+    real = atomicfile.create_new
 
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir).name == "utils":
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real(*args, dir=dir, **kwargs)
+    def create_new(path):
+        if Path(path).parent.name == "utils":
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(path).parent))
+        return real(path)
 
-    monkeypatch.setattr(installer.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomicfile, "create_new", create_new)
     rc = installer.main([str(checkout)] + (["--revert"] if action == "revert" else []))
     err = capsys.readouterr().err
     assert rc == 3
@@ -299,7 +297,7 @@ def test_read_only_utils_for_real(checkout):
 
 def test_failure_on_the_first_file_says_nothing_was_changed(checkout, monkeypatch):
     before = snapshot(checkout)
-    monkeypatch.setattr(installer.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(installer.InstallFailed, match=r"^cannot write dataset.py: No space left; no file had been "
                                                       r"changed yet: .* is as it was$"):
         installer.install(checkout)

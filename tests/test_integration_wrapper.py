@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, needs_upstream
 
 from otface_plugin.arcface_torch import installer, train_wrapper
+from helpers import snapshot
 
 pytestmark = [pytest.mark.upstream, needs_upstream]
 
@@ -15,10 +16,6 @@ pytestmark = [pytest.mark.upstream, needs_upstream]
 @pytest.fixture
 def checkout(upstream_checkout):
     return upstream_checkout
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_in_memory_sources_equal_the_installed_files(checkout, tmp_path):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from otface_plugin.features import FeatureCapture
 from otface_plugin.losses import OTFaceLoss, OTFaceTerm, margin_logits
+from helpers import TinyBackbone
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "sphereface-like": (1.35, 0.0, 0.0),
            "combined": (1.0, 0.3, 0.2)}
@@ -91,18 +92,6 @@ def test_equal_to_recipe_combined_margin_loss(name):
     F.cross_entropy(theirs[valid], labels[valid]).backward()
     F.cross_entropy(ours[valid], labels[valid]).backward()
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-5, rtol=1e-4)
-
-
-class TinyBackbone(torch.nn.Module):
-    def __init__(self, dim=32):
-        super().__init__()
-        self.layer1 = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.layer4 = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
-        self.fc = torch.nn.Linear(24 * 4 * 4, dim)
-
-    def forward(self, x):
-        x = self.layer4(torch.relu(self.layer1(x)))
-        return self.fc(torch.relu(x).flatten(1))
 
 
 def pk_batch(P=4, K=4, seed=0):
@@ -270,18 +259,6 @@ def test_conv_mode_without_features_is_a_clear_error():
     loss_fn = OTFaceLoss(num_classes=4, embedding_size=8)
     with pytest.raises(ValueError, match="conv feature maps"):
         loss_fn(torch.randn(4, 8), torch.tensor([0, 0, 1, 1]))
-
-
-def test_feature_capture_unwraps_and_names_missing_layer():
-    net = TinyBackbone()
-    wrapped = torch.nn.DataParallel(net)
-    cap = FeatureCapture(wrapped, "layer4")
-    net(torch.randn(2, 3, 16, 16))
-    assert cap.pop().shape == (2, 24, 4, 4)
-    with pytest.raises(RuntimeError, match="no output"):
-        cap.pop()
-    with pytest.raises(ValueError, match="layer9"):
-        FeatureCapture(net, "layer9")
 
 
 def test_standalone_training_separates_identities():

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import otface_plugin
+from otface_plugin.atomicfile import atomic_write
 from otface_plugin.arcface_torch.patchset import (
     PatchError,
     apply_all,
@@ -265,24 +264,10 @@ def _unchanged(path: Path, old: Optional[bytes], mode: Optional[int]) -> bool:
     return path.is_file() and path.stat().st_mode == mode and path.read_bytes() == old
 
 
-def _new_file_mode() -> int:
-    """What open(..., "w") would give a new file: 0666 minus the umask (mkstemp's is 0600)."""
-    umask = os.umask(0o022)  # the only portable way to read it is to set it
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _atomic_write(path: Path, data: bytes, mode: Optional[int]) -> None:
-    # write beside the target and rename over it: a crash leaves the old or the new file, never half
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, (mode & 0o7777) if mode is not None else _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a crash leaves the old or the new file, never half; a new file (mode None) gets 0666 minus
+    # the umask; our suffix lets stale_temp_files() find what a killed run left
+    atomic_write(path, data, mode=mode, suffix=TEMP_SUFFIX)
 
 
 def stale_temp_files(root: Path) -> List[Path]:

@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -21,7 +22,7 @@ import torch
 
 from otface_plugin.data import HardPKSampler, IdentityIndex, MXIndexedRecordIO, PKSampler
 from otface_plugin.data.dataset import read_image_record
-from otface_plugin.data.folders import format_identity_list, read_identity_list
+from otface_plugin.data.folders import read_identity_list, write_identity_list
 from otface_plugin.data.imagecodec import decode_image
 
 ENV_SHARED = "OTFACE_SHARED_DATA"
@@ -146,8 +147,8 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
             from otface_plugin.data.folders import split_identities
 
             train, hold = split_identities(names, test_identities / len(names), seed)
-            tr.write_text(format_identity_list(train))
-            ho.write_text(format_identity_list(hold))
+            write_identity_list(tr, train)
+            write_identity_list(ho, hold)
         else:  # the CLI takes a fraction: this one yields exactly test_identities of len(names)
             _cli(["split", str(dataset), "--holdout-fraction", repr(test_identities / len(names)),
                   "--seed", str(seed), "--train-list", str(tr), "--holdout-list", str(ho)])
@@ -266,9 +267,17 @@ SAMPLERS = ("pk", "hard")  # the study's batch plans: PKSampler, HardPKSampler
 HARD_REFRESH_STEPS = 20  # sampler "hard": class centres re-read every this many steps
 
 
-def pk_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int, sampler: str = "pk",
-               centres: Optional[Callable[[], torch.Tensor]] = None
-               ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def pk_batches(*args: Any, **kwargs: Any) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Deprecated name of :func:`train_batches` (it serves ``sampler="hard"`` too, and
+    ``otface_plugin.demo`` has its own, unrelated ``pk_batches``)."""
+    warnings.warn("otface_plugin.bench.data.pk_batches is deprecated; use train_batches",
+                  DeprecationWarning, stacklevel=2)
+    return train_batches(*args, **kwargs)
+
+
+def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int,
+                  sampler: str = "pk", centres: Optional[Callable[[], torch.Tensor]] = None
+                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` P x K batches from the plugin's PKSampler, epoch after epoch, with the recipe's
     random horizontal flip drawn from a generator of its own: the order and the flips depend
     only on ``seed``, so every loss sees the same images in the same order.

@@ -18,6 +18,7 @@ from typing import List
 import numpy as np
 
 from otface_plugin.bench.data import BenchError, Prepared, _cli, describe_dataset
+from otface_plugin.data.folders import write_identity_list
 from otface_plugin.data.lfw_protocol import parse_folds, read_pairs_file, read_people_file
 
 __all__ = ["is_lfw", "prepare_lfw", "format_folds"]
@@ -81,7 +82,7 @@ def prepare_lfw(dataset: Path, work: Path, train_sets: str = "1-5", max_test_fol
     tr = work / "train_ids.txt"
     if not (done.is_file() and done.read_text() == stamp):
         done.unlink(missing_ok=True)
-        tr.write_text("".join(n + "\n" for n in train))
+        write_identity_list(tr, train)
         flags = ["--workers", str(workers), "--force"] + ([] if progress else ["--no-progress"])
         (work / "rec").mkdir(exist_ok=True)
         _cli(["build-rec", str(images), str(work / "rec") + "/", "--identities-from", str(tr), *flags])

@@ -4,7 +4,6 @@ finished and carries its configuration key, so a changed setting never reuses a 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -12,27 +11,20 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from otface_plugin.atomicfile import atomic_file, atomic_write
 from otface_plugin.bench.spec import RunSpec
 
-__all__ = ["save_run", "load_run", "write_result", "atomic_write_text"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so an interrupted run never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+__all__ = ["save_run", "load_run", "write_result"]
 
 
 def save_run(run_dir: Path, key: str, spec: RunSpec, net: torch.nn.Module, history: dict,
              timing: dict, scores: np.ndarray) -> dict:
     """Store a finished run; ``result.json`` is written last and marks it finished."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), run_dir / "model.pt.tmp")
-    os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
-    with open(run_dir / "scores.npy.tmp", "wb") as f:
+    with atomic_file(run_dir / "model.pt") as f:
+        torch.save(net.state_dict(), f)
+    with atomic_file(run_dir / "scores.npy") as f:
         np.save(f, scores)
-    os.replace(run_dir / "scores.npy.tmp", run_dir / "scores.npy")
     return write_result(run_dir, key, spec, history, timing)
 
 
@@ -40,7 +32,7 @@ def write_result(run_dir: Path, key: str, spec: RunSpec, history: dict, timing: 
                  **extra: Any) -> Dict[str, Any]:
     """``result.json``, last: the run is finished once it exists (``extra``: route fields)."""
     result = {"key": key, "spec": asdict(spec), **extra, "history": history, "timing": timing}
-    atomic_write_text(run_dir / "result.json", json.dumps(result))
+    atomic_write(run_dir / "result.json", json.dumps(result))
     return result
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from otface_plugin import build_loss
-from otface_plugin.bench.data import TrainSet, pk_batches
+from otface_plugin.bench.data import TrainSet, train_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.bench.spec import OTFACE_DEFAULTS, RunSpec, TrainConfig
 from otface_plugin.features import FeatureCapture
@@ -45,7 +45,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
     """Train one backbone; returns it, the logged history and timings.
 
     Seeding: the backbone and the margin head are created right after ``manual_seed(seed)``,
-    so all losses start from identical weights; the batches come from :func:`pk_batches` with
+    so all losses start from identical weights; the batches come from :func:`train_batches` with
     the same seed, so all losses see the same images in the same order.
     """
     torch.manual_seed(spec.seed)
@@ -64,8 +64,8 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
     step_times: List[float] = []
     start = time.perf_counter()
     head = loss_fn.margin_loss if is_ot else loss_fn
-    batches = pk_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps, spec.sampler,
-                         centres=lambda: head.weight.detach())
+    batches = train_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps, spec.sampler,
+                            centres=lambda: head.weight.detach())
     for step, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
         for g in opt.param_groups:

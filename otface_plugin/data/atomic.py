@@ -17,7 +17,8 @@ of another build. SIGINT/SIGTERM are held back during steps 2-4. A process kille
 (SIGKILL, power loss of an un-synced file aside) leaves the marker missing and the journal
 behind; the next :func:`atomic_outputs` on those paths puts the previous outputs back (or
 removes the new ones when there were none) before it starts, and deletes the temp files of dead
-processes. Temp files are ``.<name>.<pid>.<random>.partial``, backups the same with ``.old``.
+processes. Temp files are ``.<name>.<pid>.<random>.partial``, backups the same with ``.old``
+(both named by :func:`otface_plugin.atomicfile.temp_path`).
 """
 from __future__ import annotations
 
@@ -25,19 +26,16 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 import signal
 import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence
 
+from otface_plugin.atomicfile import TEMP_SUFFIX, atomic_write, create_new, discard, temp_path
+
 __all__ = ["atomic_outputs", "recover_outputs"]
 
-_TEMP, _BACKUP, _JOURNAL = ".partial", ".old", ".otface-commit"
-
-
-def _sibling(final: Path, suffix: str) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+_BACKUP, _JOURNAL = ".old", ".otface-commit"
 
 
 def _journal(marker: Path) -> Path:
@@ -56,19 +54,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _write_journal(path: Path, plan: List[dict]) -> None:
-    tmp = _sibling(path, _TEMP)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"pid": os.getpid(), "outputs": plan}, f)
-        os.replace(tmp, path)
-    finally:
-        _unlink(tmp)
+    atomic_write(path, json.dumps({"pid": os.getpid(), "outputs": plan}))
 
 
 def _undo(journal: Path) -> None:
@@ -90,27 +77,27 @@ def _undo(journal: Path) -> None:
         for item in plan[1:] + plan[:1]:  # the marker last, as in a commit
             final, backup = Path(item["final"]), item["backup"]
             if backup is None:
-                _unlink(final)  # a new output that had no previous version
+                discard(final)  # a new output that had no previous version
             elif os.path.lexists(backup):
                 os.replace(backup, final)
             # else: the previous output was never moved aside
     for item in plan:
         if item["backup"] is not None:
-            _unlink(Path(item["backup"]))
-    _unlink(journal)
+            discard(Path(item["backup"]))
+    discard(journal)
 
 
 def _is_stale(name: str, prefix: str) -> bool:
     """Whether ``name`` is a temp file or backup of the output ``prefix`` names whose writer is
     gone: ``<prefix><pid>.<8 hex>.partial|.old`` of a dead pid, or ``<prefix><8 chars>.partial``
     (older versions' mkstemp names, which carry no pid)."""
-    suffix = next((s for s in (_TEMP, _BACKUP) if name.endswith(s)), None)
+    suffix = next((s for s in (TEMP_SUFFIX, _BACKUP) if name.endswith(s)), None)
     if suffix is None or not name.startswith(prefix):
         return False
     parts = name[len(prefix):-len(suffix)].split(".")
     if len(parts) == 2 and parts[0].isdigit() and len(parts[1]) == 8:
         return not _alive(int(parts[0]))
-    return len(parts) == 1 and len(parts[0]) == 8 and suffix == _TEMP
+    return len(parts) == 1 and len(parts[0]) == 8 and suffix == TEMP_SUFFIX
 
 
 def recover_outputs(finals: Sequence[os.PathLike]) -> None:
@@ -126,7 +113,7 @@ def recover_outputs(finals: Sequence[os.PathLike]) -> None:
         for name in entries:
             # (the second prefix: the temp file of a journal whose write was killed)
             if _is_stale(name, f".{f.name}.") or _is_stale(name, f".{_journal(f).name}."):
-                _unlink(f.parent / name)
+                discard(f.parent / name)
 
 
 @contextlib.contextmanager
@@ -151,7 +138,7 @@ def _commit(temps: Dict[Path, Path]) -> None:
         return
     journal = _journal(finals[0])
     plan = [{"final": os.fspath(f),
-             "backup": os.fspath(_sibling(f, _BACKUP)) if os.path.lexists(f) else None}
+             "backup": os.fspath(temp_path(f, _BACKUP)) if os.path.lexists(f) else None}
             for f in finals]
     with _signals_held():
         _write_journal(journal, plan)
@@ -191,10 +178,10 @@ def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False
             except FileExistsError:  # an ancestor is a file
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory (a file is in the "
                                          "way)", str(f.parent)) from None
-            temps[f] = tmp = _sibling(f, _TEMP)  # registered first: an interrupt may come
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+            temps[f] = tmp = temp_path(f, TEMP_SUFFIX)  # registered first: an interrupt may come
+            os.close(create_new(tmp))
         yield temps
         _commit(temps)
     finally:
         for tmp in temps.values():
-            _unlink(tmp)
+            discard(tmp)

@@ -125,8 +125,8 @@ def _run(args) -> int:
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
     elif args.cmd == "split":
         from otface_plugin.data.atomic import atomic_outputs
-        from otface_plugin.data.folders import (format_identity_list, scan_identity_folders,
-                                                split_identities)
+        from otface_plugin.data.folders import (scan_identity_folders, split_identities,
+                                                write_identity_list)
 
         names = [f.name for f in scan_identity_folders(args.image_dir, skip_empty=True)]
         train, hold = split_identities(names, args.holdout_fraction, args.seed)
@@ -135,8 +135,7 @@ def _run(args) -> int:
             raise ValueError("--train-list and --holdout-list are the same file")
         with atomic_outputs(list(lists), overwrite=True) as tmp:  # both lists or neither
             for path, items in lists.items():
-                tmp[path].write_text(format_identity_list(items), encoding="utf-8",
-                                     errors="surrogateescape")
+                write_identity_list(tmp[path], items)
         print(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
               f"{args.holdout_list}")
     return 0

@@ -14,7 +14,7 @@ from PIL import Image
 from otface_plugin.data.errors import DatasetLayoutError
 
 __all__ = ["IdentityFolder", "format_identity_list", "identity_list_line", "read_identity_list",
-           "scan_identity_folders", "split_identities", "load_rgb"]
+           "scan_identity_folders", "split_identities", "load_rgb", "write_identity_list"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,12 @@ def identity_list_line(name: str) -> str:
 def format_identity_list(names: Iterable[str]) -> str:
     """A whole list file's text."""
     return "".join(identity_list_line(n) + "\n" for n in names)
+
+
+def write_identity_list(path: os.PathLike, names: Iterable[str]) -> None:
+    """Write a list file (UTF-8; surrogate escapes of undecodable folder names written back as
+    their original bytes, as :func:`read_identity_list` reads them)."""
+    Path(path).write_text(format_identity_list(names), encoding="utf-8", errors="surrogateescape")
 
 
 def quote_name(name: str) -> str:

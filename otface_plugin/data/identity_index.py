@@ -30,16 +30,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from otface_plugin.atomicfile import atomic_file
 from otface_plugin.data.errors import RecordIOError
 from otface_plugin.data.layout import FLOAT32_EXACT, parse_header
-from otface_plugin.data.recordio import (MAGIC, _parse_idx, _RecordFile, check_coverage,
-                                         check_offsets, unpack)
+from otface_plugin.data.recordio import (FRAME_HEADER_SIZE, IR_HEADER_SIZE, MAGIC,
+                                         MXIndexedRecordIO, split_lrec, unpack)
 
 __all__ = ["IdentityIndex", "default_cache_dir"]
 
@@ -212,15 +212,8 @@ class IdentityIndex:
             arrays["record_keys"] = self._record_keys
         for k, v in (meta or {}).items():
             arrays["meta_" + k] = np.asarray(v)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: PathLike) -> Tuple["IdentityIndex", dict]:
@@ -236,11 +229,22 @@ class IdentityIndex:
         return idx, meta
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+# Where the vectorised reads find an IRHeader's fields in a one-part record: the frame header,
+# then the IRHeader (flag, scalar label, id, id2), then ``flag`` float32 labels.
+_FLAG_AT = FRAME_HEADER_SIZE
+_LABEL_AT = FRAME_HEADER_SIZE + 4
+_FLOATS_AT = FRAME_HEADER_SIZE + IR_HEADER_SIZE
+
+
+def _field(raw: np.ndarray, at: int, dtype: str = "<u4") -> np.ndarray:
+    """The 4-byte field at byte ``at`` of every row of ``raw`` (one row per record)."""
+    return raw[:, at:at + 4].copy().view(dtype)[:, 0]
+
+
+def _frame_fields(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(magic, cflag, length, IRHeader flag) of the records whose first bytes are ``raw``'s rows."""
+    cflag, length = split_lrec(_field(raw, 4))
+    return _field(raw, 0), cflag, length, _field(raw, _FLAG_AT)
 
 
 class _Builder:
@@ -252,27 +256,18 @@ class _Builder:
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.check_samples = check_samples
-        self.keys, self.pos = _parse_idx(idx, int)  # parsed once, used for every lookup
+        # The .idx is parsed (and its offsets checked) once; every lookup goes through it.
+        self.reader = MXIndexedRecordIO(idx, rec, "r")
+        self.keys = self.reader.keys
         self.size = os.path.getsize(rec)
-        check_offsets(idx, rec, self.keys, self.pos, self.size)
         self.mm = np.memmap(rec, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
-        n = len(self.keys)
-        # Lookup state, computed once: _read() runs per record in the slow paths.
-        self._consecutive = bool(n and self.keys[-1] - self.keys[0] == n - 1
-                                 and np.all(np.diff(self.keys) == 1))
-        self._order = self._sorted_keys = None
-        self._file: Optional[_RecordFile] = None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.reader.close()
 
     # -- entry
     def build(self, use_header: bool) -> IdentityIndex:
-        if self._file is None:
-            self._file = _RecordFile(self.rec)
-        check_coverage(self._file, self.idx, self.keys, self.pos)
+        self.reader.check_coverage()
         head0 = unpack(self._read(0))[0] if bool(np.any(self.keys == 0)) else None
         rng = None if head0 is None else parse_header(head0, self.rec)
         if rng is not None:
@@ -291,13 +286,7 @@ class _Builder:
 
     def _read(self, key: int) -> bytes:
         """One whole record (any layout) by key."""
-        pos = int(self._positions_of(np.array([key], dtype=np.int64), "record")[0])
-        if self._file is None:
-            self._file = _RecordFile(self.rec)
-        got = self._file.read_at(pos, f"record {key}")
-        if got is None:
-            raise RecordIOError(f"{self.rec}: record {key} points to the end of the file")
-        return got[0]
+        return self.reader.read_idx(key)
 
     # -- header ranges
     def _gather(self, offsets: np.ndarray, width: int) -> np.ndarray:
@@ -309,49 +298,25 @@ class _Builder:
             out[a:a + step] = self.mm[offsets[a:a + step, None] + cols]
         return out
 
-    def _positions_of(self, keys: np.ndarray, what: str) -> np.ndarray:
-        ks, n = self.keys, len(self.keys)
-        if self._consecutive:
-            j = keys - ks[0]  # consecutive keys (every file we write): direct lookup
-            inside = (j >= 0) & (j < n)
-            if inside.all():
-                return self.pos[j]
-            raise RecordIOError(f"{self.idx}: {what} {int(keys[~inside][0])} is not in the "
-                                f"index ({int((~inside).sum())} missing)")
-        if self._order is None:
-            self._order = np.argsort(ks, kind="stable")
-            self._sorted_keys = ks[self._order]
-        order, sk = self._order, self._sorted_keys
-        j = np.searchsorted(sk, keys, side="right") - 1
-        ok = (j >= 0) & (sk[np.maximum(j, 0)] == keys)
-        if not ok.all():
-            missing = keys[~ok]
-            raise RecordIOError(
-                f"{self.idx}: {what} {int(missing[0])} is not in the index "
-                f"({len(missing)} missing)")
-        return self.pos[order[j]]
-
     def _from_header(self, first: int, end: int, num_pos: int) -> Optional[IdentityIndex]:
         n_id = end - first
         if n_id <= 0:
             raise RecordIOError(f"{self.rec}: record 0 header has an empty identity range "
                                 f"[{first}, {end})")
-        pos = self._positions_of(np.arange(first, end, dtype=np.int64), "identity record")
-        # An identity record is 8 bytes framing + 24 IRHeader + 2 float32 labels.
-        if pos.max() + 40 > self.size:
+        pos = self.reader.offsets_of(np.arange(first, end, dtype=np.int64), "identity record")
+        # An identity record is the frame header + IRHeader + 2 float32 labels.
+        width = _FLOATS_AT + 8
+        if pos.max() + width > self.size:
             raise RecordIOError(f"{self.rec}: identity records run past the end of the file")
-        raw = self._gather(pos, 40)
-        magic = raw[:, 0:4].copy().view("<u4")[:, 0]
-        lrec = raw[:, 4:8].copy().view("<u4")[:, 0]
-        flag = raw[:, 8:12].copy().view("<u4")[:, 0]
-        rng = raw[:, 32:40].copy().view("<f4")
+        raw = self._gather(pos, width)
+        magic, cflag, length, flag = _frame_fields(raw)
+        rng = raw[:, _FLOATS_AT:width].copy().view("<f4")
         bad = np.flatnonzero(magic != MAGIC)
         if len(bad):
             k = first + int(bad[0])
             raise RecordIOError(f"{self.rec}: identity record {k} at byte {int(pos[bad[0]])}: "
                                 f"bad magic 0x{int(magic[bad[0]]):08x}")
-        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
-        simple = ((cflag == 0) | ((cflag == 1) & (length >= 32))) & (flag == 2)
+        simple = ((cflag == 0) | ((cflag == 1) & (length >= IR_HEADER_SIZE + 8))) & (flag == 2)
         if not simple.all():
             # Unusual layout (multi-part, extra labels): read those records one by one.
             for i in np.flatnonzero(~simple):
@@ -390,29 +355,28 @@ class _Builder:
         """(label, is_image) for records ``keys``: label = header.label, or label[0] when
         ``flag > 0``, exactly as MXFaceDataset reads it. A record with nothing after its
         labels (an identity or header record) is not an image."""
-        pos = self._positions_of(keys, "record")
+        pos = self.reader.offsets_of(keys, "record")
         n = len(pos)
         labels = np.zeros(n, dtype=np.float64)
         valid = np.ones(n, dtype=bool)
-        fast = pos + 36 <= self.size
+        width = _FLOATS_AT + 4  # up to the first float label
+        fast = pos + width <= self.size
         fi = np.flatnonzero(fast)
-        raw = self._gather(pos[fi], 36)
-        magic = raw[:, 0:4].copy().view("<u4")[:, 0]
+        raw = self._gather(pos[fi], width)
+        magic, cflag, length, flag = _frame_fields(raw)
         bad = np.flatnonzero(magic != MAGIC)
         if len(bad):
             i = fi[bad[0]]
             raise RecordIOError(f"{self.rec}: record {int(keys[i])} at byte {int(pos[i])}: bad "
                                 f"magic 0x{int(magic[bad[0]]):08x} (.idx does not match .rec?)")
-        lrec = raw[:, 4:8].copy().view("<u4")[:, 0]
-        flag = raw[:, 8:12].copy().view("<u4")[:, 0]
-        scalar = raw[:, 12:16].copy().view("<f4")[:, 0]
-        first_float = raw[:, 32:36].copy().view("<f4")[:, 0]
-        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
-        need = np.where(flag > 0, 28, 24)
+        scalar = _field(raw, _LABEL_AT, "<f4")
+        first_float = _field(raw, _FLOATS_AT, "<f4")
+        need = np.where(flag > 0, IR_HEADER_SIZE + 4, IR_HEADER_SIZE)
         simple = (cflag == 0) & (length >= need) | (cflag == 1) & (length >= need)
         labels[fi] = np.where(flag > 0, first_float, scalar)
         # cflag 1 means the payload continues past a magic, so it is never empty
-        valid[fi] = (cflag == 1) | (length.astype(np.int64) > 24 + 4 * flag.astype(np.int64))
+        valid[fi] = (cflag == 1) | (length.astype(np.int64)
+                                    > IR_HEADER_SIZE + 4 * flag.astype(np.int64))
         fast[fi[~simple]] = False
         for i in np.flatnonzero(~fast):
             try:

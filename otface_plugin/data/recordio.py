@@ -36,6 +36,8 @@ import numpy as np
 from otface_plugin.data.errors import RecordIOError
 
 __all__ = [
+    "FRAME_HEADER_SIZE",
+    "IR_HEADER_SIZE",
     "MAGIC",
     "IRHeader",
     "MXIndexedRecordIO",
@@ -47,6 +49,8 @@ __all__ = [
     "frame_record",
     "pack",
     "pack_img",
+    "parse_idx",
+    "split_lrec",
     "unpack",
     "unpack_img",
 ]
@@ -56,6 +60,8 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_BITS = 29
 _LEN_MASK = (1 << _LEN_BITS) - 1
 _HEAD = struct.Struct("<II")
+FRAME_HEADER_SIZE = _HEAD.size
+"""Bytes in front of each record part: the magic and ``lrec``."""
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -65,6 +71,12 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 def _lrec(cflag: int, length: int) -> bytes:
     return _HEAD.pack(MAGIC, (cflag << _LEN_BITS) | length)
+
+
+def split_lrec(lrec: Any) -> Tuple[Any, Any]:
+    """``(cflag, length)`` of a frame header's ``lrec`` word: an int, or a numpy uint32 array
+    for many headers at once."""
+    return lrec >> _LEN_BITS, lrec & _LEN_MASK
 
 
 def frame_record(buf: BytesLike) -> bytes:
@@ -121,14 +133,14 @@ class _RecordFile:
         parts = []
         first = True
         while True:
-            head = _pread(self.fd, 8, pos, self._lock)
+            head = _pread(self.fd, FRAME_HEADER_SIZE, pos, self._lock)
             if not head and first and pos >= self.size:
                 if pos > self.size:
                     raise RecordIOError(
                         f"{self.path}: {what} starts at byte {pos}, past the end of the file "
                         f"({self.size} bytes)")
                 return None
-            if len(head) < 8:
+            if len(head) < FRAME_HEADER_SIZE:
                 raise RecordIOError(
                     f"{self.path}: truncated file: {what} needs an 8-byte header at byte {pos}, "
                     f"only {len(head)} bytes left ({self.size} bytes in file)")
@@ -137,7 +149,7 @@ class _RecordFile:
                 raise RecordIOError(
                     f"{self.path}: {what}: bad magic 0x{magic:08x} at byte {pos} (expected "
                     f"0x{MAGIC:08x}); not a RecordIO file, or the offset is not a record start")
-            cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
+            cflag, length = split_lrec(lrec)
             if first and cflag in (2, 3):
                 raise RecordIOError(
                     f"{self.path}: {what}: byte {pos} is the continuation part (cflag {cflag}) "
@@ -145,12 +157,12 @@ class _RecordFile:
             if cflag > 3:
                 raise RecordIOError(f"{self.path}: {what}: invalid cflag {cflag} at byte {pos}")
             padded = (length + 3) & ~3
-            data = _pread(self.fd, padded, pos + 8, self._lock) if padded else b""
+            data = _pread(self.fd, padded, pos + FRAME_HEADER_SIZE, self._lock) if padded else b""
             if len(data) < padded:
                 raise RecordIOError(
                     f"{self.path}: truncated file: {what} at byte {pos} declares {length} "
                     f"payload bytes, only {len(data)} present ({self.size} bytes in file)")
-            pos += 8 + padded
+            pos += FRAME_HEADER_SIZE + padded
             if first and cflag == 0:
                 return (data if padded == length else data[:length]), pos
             parts.append(data[:length])
@@ -305,15 +317,25 @@ class _IndexMap(Mapping):
     def __getitem__(self, key: Any) -> int:
         return int(self._pos[self._find(key)])
 
+    def locate(self, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(offsets, found)`` for int array ``keys`` (vectorised ``self[key]``): the byte
+        offset of each key, meaningless where ``found`` is False."""
+        keys = np.asarray(keys, dtype=np.int64)
+        n = len(self._keys)
+        if not n:
+            return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
+        if self._base is not None:
+            row = keys - self._base
+            found = (row >= 0) & (row < n)
+            return self._pos[np.where(found, row, 0)], found
+        j = np.maximum(np.searchsorted(self._sorted, keys, side="right") - 1, 0)
+        found = self._sorted[j] == keys
+        return self._pos[self._order[j]], found
+
     def missing(self, keys: np.ndarray) -> np.ndarray:
         """The entries of int array ``keys`` that are not keys here (vectorised)."""
         keys = np.asarray(keys, dtype=np.int64)
-        if self._base is not None:
-            return keys[(keys < self._base) | (keys >= self._base + len(self._keys))]
-        j = np.clip(np.searchsorted(self._sorted, keys), 0, max(len(self._sorted) - 1, 0))
-        if not len(self._sorted):
-            return keys
-        return keys[self._sorted[j] != keys]
+        return keys[~self.locate(keys)[1]]
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -340,7 +362,7 @@ def _key_str(key: Any) -> str:
     return str(int(key)) if isinstance(key, (numbers.Integral, np.integer)) else repr(key)
 
 
-def _parse_idx(path: str, key_type: type) -> Tuple[Any, Any]:
+def parse_idx(path: str, key_type: type) -> Tuple[Any, Any]:
     """Keys and offsets of an ``.idx`` file (lines ``key<TAB>offset``)."""
     with open(path, "rb") as f:
         data = f.read()
@@ -395,17 +417,18 @@ def _record_starts(f: "_RecordFile") -> np.ndarray:
     """Byte offsets of every record in the file, from the framing alone (one pass)."""
     starts, pos = [], 0
     while pos < f.size:
-        head = _pread(f.fd, 8, pos, f._lock)
-        if len(head) < 8:
+        head = _pread(f.fd, FRAME_HEADER_SIZE, pos, f._lock)
+        if len(head) < FRAME_HEADER_SIZE:
             raise RecordIOError(f"{f.path}: truncated file: {len(head)} bytes at byte {pos} are "
                                 f"not a record header")
         magic, lrec = _HEAD.unpack(head)
         if magic != MAGIC:
             raise RecordIOError(f"{f.path}: bad magic 0x{magic:08x} at byte {pos}, where the "
                                 f"previous record ends")
-        if lrec >> _LEN_BITS in (0, 1):
+        cflag, length = split_lrec(lrec)
+        if cflag in (0, 1):
             starts.append(pos)
-        pos += 8 + (((lrec & _LEN_MASK) + 3) & ~3)
+        pos += FRAME_HEADER_SIZE + ((length + 3) & ~3)
     if pos > f.size:
         raise RecordIOError(f"{f.path}: truncated file: the last record ends at byte {pos}, the "
                             f"file has {f.size} bytes")
@@ -469,7 +492,7 @@ class MXIndexedRecordIO(MXRecordIO):
             self.fidx = open(self.idx_path, "w")
             self.idx, self.keys = {}, []
             return
-        keys, pos = _parse_idx(self.idx_path, self.key_type)
+        keys, pos = parse_idx(self.idx_path, self.key_type)
         if isinstance(keys, np.ndarray):
             self.idx, self.keys = _IndexMap(keys, pos), keys
         else:
@@ -483,6 +506,18 @@ class MXIndexedRecordIO(MXRecordIO):
         if isinstance(self.idx, _IndexMap):
             return self.idx.missing(keys)
         return np.asarray([k for k in keys.tolist() if k not in self.idx], dtype=np.int64)
+
+    def offsets_of(self, keys: np.ndarray, what: str = "record") -> np.ndarray:
+        """Byte offsets of the int ``keys`` (vectorised); a key without an entry raises
+        :class:`MissingRecordError` (``what`` names the kind of record in the message)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if not isinstance(self.idx, _IndexMap):  # a writer, or str keys
+            return np.asarray([self._offset(k, what) for k in keys.tolist()], dtype=np.int64)
+        pos, found = self.idx.locate(keys)
+        if not found.all():
+            missing = keys[~found]
+            raise self._missing(missing[0], what, len(missing))
+        return pos
 
     def check_coverage(self, full: bool = False) -> int:
         """Check that the ``.idx`` indexes the whole ``.rec`` (see :func:`check_coverage`);
@@ -510,12 +545,17 @@ class MXIndexedRecordIO(MXRecordIO):
         self._offsets = np.zeros(0, dtype=np.int64)
         super().__setstate__(d)  # re-reads the .idx when it reopens
 
-    def _offset(self, idx: Any) -> int:
+    def _missing(self, key: Any, what: str = "record", count: int = 1) -> MissingRecordError:
+        """The one error for keys the ``.idx`` lacks (``count`` of them, ``key`` the first)."""
+        more = f" ({count} keys missing)" if count > 1 else ""
+        return MissingRecordError(f"{self.idx_path}: {what} {_key_str(key)} is not in the index "
+                                  f"of {self.uri}{more}")
+
+    def _offset(self, idx: Any, what: str = "record") -> int:
         try:
             return self.idx[idx]
         except KeyError:
-            raise MissingRecordError(f"{self.idx_path}: no record {_key_str(idx)} in the index "
-                                     f"of {self.uri}") from None
+            raise self._missing(idx, what) from None
 
     def seek(self, idx: Any) -> None:
         """Moves the sequential read position to record ``idx``."""
@@ -560,7 +600,8 @@ IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
 float32 array), ``id``, ``id2`` (uint64). Same namedtuple name and fields as mxnet's."""
 
 _IR_FORMAT = "<IfQQ"  # mxnet uses native 'IfQQ': identical bytes on little-endian hosts
-_IR_SIZE = struct.calcsize(_IR_FORMAT)
+IR_HEADER_SIZE = struct.calcsize(_IR_FORMAT)
+"""Bytes of a packed :data:`IRHeader` (in front of the float labels and the payload)."""
 
 
 def pack(header: Any, s: BytesLike) -> bytes:
@@ -579,11 +620,11 @@ def pack(header: Any, s: BytesLike) -> bytes:
 
 def unpack(s: BytesLike) -> Tuple[IRHeader, bytes]:
     """Record bytes -> (IRHeader, payload); ``label`` is a float32 array when ``flag > 0``."""
-    if len(s) < _IR_SIZE:
+    if len(s) < IR_HEADER_SIZE:
         raise RecordIOError(
-            f"record of {len(s)} bytes is too short for an IRHeader ({_IR_SIZE} bytes)")
-    header = IRHeader(*struct.unpack(_IR_FORMAT, s[:_IR_SIZE]))
-    s = s[_IR_SIZE:]
+            f"record of {len(s)} bytes is too short for an IRHeader ({IR_HEADER_SIZE} bytes)")
+    header = IRHeader(*struct.unpack(_IR_FORMAT, s[:IR_HEADER_SIZE]))
+    s = s[IR_HEADER_SIZE:]
     if header.flag > 0:
         if len(s) < 4 * header.flag:
             raise RecordIOError(
