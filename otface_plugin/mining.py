@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mine_triplets", "hardest_pairs", "require_finite", "NonFiniteError", "TRIPLET_MODES", "IGNORE_LABEL"]
+__all__ = ["mine_triplets", "hardest_pairs", "misclassified_mask", "require_finite", "NonFiniteError", "TRIPLET_MODES", "IGNORE_LABEL"]
 
 TRIPLET_MODES = ("hard", "all", "misclassified")
 IGNORE_LABEL = -1  # "no identity here", as in the margin heads and PartialFC
@@ -110,13 +110,17 @@ def mine_triplets(
     if mode == "hard":
         select = select & (S[anchors, negative] + margin > S[anchors, positive])
     elif mode == "misclassified":
-        select = select & _misclassified_mask(labels, logits, misclassified)
+        select = select & misclassified_mask(labels, logits, misclassified)
 
     idx = torch.nonzero(select, as_tuple=False).view(-1)
     return idx, positive[idx], negative[idx]
 
 
-def _misclassified_mask(labels, logits, misclassified):
+def misclassified_mask(
+    labels: torch.Tensor, logits: Optional[torch.Tensor], misclassified: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(B,) bool: the samples whose target logit is not the largest (a given ``misclassified``
+    mask is checked and used as is); the ``"misclassified"`` triplet mode's anchor filter."""
     if misclassified is not None:
         mask = misclassified.view(-1).to(device=labels.device, dtype=torch.bool)
         if mask.shape[0] != labels.shape[0]:

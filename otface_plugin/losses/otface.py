@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
-from otface_plugin.mining import TRIPLET_MODES, _misclassified_mask, hardest_pairs, mine_triplets, require_finite
+from otface_plugin.mining import TRIPLET_MODES, hardest_pairs, mine_triplets, misclassified_mask, require_finite
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
 from otface_plugin.registry import register_loss
 
@@ -168,7 +168,7 @@ class OTFaceTerm(torch.nn.Module):
         if self.triplet_mode == "hard":
             select = select & (S[a, n] + self.triplet_margin > S[a, p])
         elif self.triplet_mode == "misclassified":
-            select = select & _misclassified_mask(labels, logits, None)
+            select = select & misclassified_mask(labels, logits, None)
         if self.max_triplets is not None and self.max_triplets < S.shape[0]:
             keep = torch.where(select, violation, torch.full_like(violation, -math.inf)).topk(self.max_triplets).indices
             a, p, n, select = a[keep], p[keep], n[keep], select[keep]
