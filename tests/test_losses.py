@@ -301,3 +301,19 @@ def test_standalone_training_separates_identities():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_margin_triple_is_one_rule_for_loss_and_config():
+    from otface_plugin.arcface_torch.config import ConfigError, check_job
+    from otface_plugin.losses.margin import margin_triple
+
+    assert margin_triple("cosface") == (1.0, 0.0, 0.4)
+    assert margin_triple([1, 0.5, 0]) == (1.0, 0.5, 0.0)
+    assert margin_triple(np.array([1.0, 0.3, 0.2])) == (1.0, 0.3, 0.2)
+    for bad in ("sphereface", [1.0, 0.5], [1.0, True, 0.0], 0.5):
+        with pytest.raises(ValueError, match="margin"):
+            margin_triple(bad)
+        with pytest.raises(ValueError, match="margin"):
+            OTFaceLoss(num_classes=4, embedding_size=8, margin=bad)
+    with pytest.raises(ConfigError, match=r"^job.yaml: key 'margin_list' must be three numbers"):
+        check_job({"margin_list": [1.0, 0.5]}, where="job.yaml")

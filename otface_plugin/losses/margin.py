@@ -13,19 +13,41 @@ instead.
 from __future__ import annotations
 
 import math
+from numbers import Real
+from typing import Any, Tuple
 
 import torch
 from torch.nn import functional as F
 
 from otface_plugin.registry import register_loss
 
-__all__ = ["margin_logits", "MarginSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "MARGIN_PRESETS"]
+__all__ = ["margin_logits", "margin_triple", "MarginSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "MARGIN_PRESETS"]
 
 # (m1, m2, m3) as arcface_torch's config.margin_list.
 MARGIN_PRESETS = {
     "arcface": (1.0, 0.5, 0.0),
     "cosface": (1.0, 0.0, 0.4),
 }
+
+
+def margin_triple(value: Any, what: str = "margin") -> Tuple[float, float, float]:
+    """``(m1, m2, m3)`` of a preset name (:data:`MARGIN_PRESETS`) or of three numbers; else a
+    ValueError naming ``what`` (OTFaceLoss's ``margin``, a config's ``margin_list``, ...)."""
+    if isinstance(value, str):
+        if value not in MARGIN_PRESETS:
+            from otface_plugin.losses.head import HEADS  # imported here: head.py builds on this module
+
+            raise ValueError(f"{what} must be arcface, cosface, a margin head ({', '.join(sorted(HEADS))}) "
+                             f"or [m1, m2, m3], got {value!r}")
+        return MARGIN_PRESETS[value]
+    try:
+        triple = tuple(value)
+    except TypeError:
+        triple = ()
+    if len(triple) != 3 or not all(isinstance(m, Real) and not isinstance(m, bool) for m in triple):
+        raise ValueError(f"{what} must be three numbers [m1, m2, m3], got {value!r}")
+    m1, m2, m3 = (float(m) for m in triple)
+    return m1, m2, m3
 
 
 def margin_logits(

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from otface_plugin.losses.head import HEADS
-from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
+from otface_plugin.losses.margin import MarginSoftmaxLoss, margin_triple
 from otface_plugin.mining import TRIPLET_MODES, hardest_pairs, mine_triplets, misclassified_mask, require_finite
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
 from otface_plugin.registry import register_loss
@@ -223,7 +223,7 @@ class OTFaceLoss(torch.nn.Module):
             if isinstance(margin, str) and margin in HEADS:  # a registered head, e.g. adaface
                 margin_loss = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
             else:
-                m1, m2, m3 = _margin_triple(margin)
+                m1, m2, m3 = margin_triple(margin)
                 margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
         elif not callable(margin_loss):
             raise TypeError(f"margin_loss must be callable (embeddings, labels) -> loss, got {type(margin_loss)}")
@@ -290,18 +290,6 @@ def _unit_float(x: torch.Tensor) -> torch.Tensor:
     """L2-normalised over the last dim, at least float32 even under autocast (fp16 maps overflow)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
-
-
-def _margin_triple(margin):
-    if isinstance(margin, str):
-        if margin not in MARGIN_PRESETS:
-            raise ValueError(f"unknown margin {margin!r}; use one of {sorted(MARGIN_PRESETS)} or (m1, m2, m3)")
-        return MARGIN_PRESETS[margin]
-    try:
-        m1, m2, m3 = (float(m) for m in margin)
-    except (TypeError, ValueError):
-        raise ValueError(f"margin must be a preset name or (m1, m2, m3), got {margin!r}") from None
-    return m1, m2, m3
 
 
 def _check_choice(name, value, choices):
