@@ -317,3 +317,24 @@ def test_margin_triple_is_one_rule_for_loss_and_config():
             OTFaceLoss(num_classes=4, embedding_size=8, margin=bad)
     with pytest.raises(ConfigError, match=r"^job.yaml: key 'margin_list' must be three numbers"):
         check_job({"margin_list": [1.0, 0.5]}, where="job.yaml")
+
+
+def test_components_log_line_round_trip():
+    from otface_plugin.losses.components import COMPONENTS, PARTS, format_components, parse_components
+
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=8, feature="embedding", triplet_mode="all")
+    torch.manual_seed(0)
+    loss_fn(torch.randn(8, 8), torch.arange(4).repeat(2))
+    c = loss_fn.components()
+    assert tuple(c) == COMPONENTS and PARTS == COMPONENTS[1:]
+    line = format_components(120, c)
+    # the line train_v2.py has always written (tests/test_integration_train.py reads it too)
+    assert line == ("OTFace   Global Step: 120   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   HardTriplets %d   "
+                    "W(a,p) %.4f   W(a,n) %.4f" % (c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]),
+                                                   c["w_ap"], c["w_an"]))
+    nan_line = format_components(7, {**c, "ot": float("nan"), "w_an": float("-inf")})
+    rows = parse_components(f"2026-01-01 INFO: {line}\nTraining: other\n{nan_line.replace('   ', ' ')}\n")
+    assert set(rows) == {120, 7} and set(rows[120]) == set(COMPONENTS)
+    for k in COMPONENTS:
+        assert rows[120][k] == pytest.approx(c[k], abs=5e-5)
+    assert math.isnan(rows[7]["ot"]) and rows[7]["w_an"] == -math.inf

@@ -29,6 +29,7 @@ from torch import distributed
 from otface_plugin.arcface_torch.config import build_otface_loss, hard_options, head_of
 from otface_plugin.arcface_torch.feature_layers import default_layer
 from otface_plugin.features import FeatureCapture, unwrap
+from otface_plugin.losses.components import COMPONENTS, format_components
 from otface_plugin.losses.head import MarginHead, build_margin
 
 
@@ -231,7 +232,6 @@ def identity_index(dataset):
     )
 
 
-COMPONENTS = ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an")
 WANDB_STEP = "otface/global_step"
 _WANDB_DEFINED: set = set()  # ids of the wandb runs whose otface metrics are defined
 
@@ -248,11 +248,7 @@ def log_components(head: torch.nn.Module, global_step: int, frequent: int, write
     if rank != 0:
         return
     c = head.components()
-    logging.info(
-        "OTFace   Global Step: %d   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   "
-        "HardTriplets %d   W(a,p) %.4f   W(a,n) %.4f",
-        global_step, c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]), c["w_ap"], c["w_an"],
-    )
+    logging.info("%s", format_components(global_step, c))
     if writer is not None:
         for key in COMPONENTS:
             writer.add_scalar(f"otface/{key}", c[key], global_step)

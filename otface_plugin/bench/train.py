@@ -23,6 +23,7 @@ from otface_plugin import build_loss
 from otface_plugin.bench.data import TrainSet, normalise, pk_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.features import FeatureCapture
+from otface_plugin.losses.components import PARTS
 from otface_plugin.losses.head import HEADS
 
 LOSSES = ("arcface", "cosface", "otface")  # the default study
@@ -109,7 +110,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
     is_ot = spec.loss == "otface"
     history: Dict[str, List[float]] = {"step": [], "loss": []}
     if is_ot:
-        for k in ("margin", "ot", "lambda", "triplets", "w_ap", "w_an"):
+        for k in PARTS:
             history[k] = []
     net.train()
     loss_fn.train()
@@ -137,7 +138,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
             history["loss"].append(value)
             if is_ot:
                 c = loss_fn.components()
-                for k in ("margin", "ot", "lambda", "triplets", "w_ap", "w_an"):
+                for k in PARTS:
                     history[k].append(float(c[k]))
         if on_step:
             on_step(step)

@@ -274,7 +274,8 @@ class OTFaceLoss(torch.nn.Module):
         return total
 
     def components(self) -> Dict[str, float]:
-        """Last forward's parts as floats: loss, margin, ot, lambda, triplets, w_ap, w_an.
+        """Last forward's parts as floats, keyed by :data:`~otface_plugin.losses.components.COMPONENTS`
+        (loss, margin, ot, lambda, triplets, w_ap, w_an).
 
         Reading them synchronises with the device: call it when logging, not every step.
         """
