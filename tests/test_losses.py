@@ -241,7 +241,7 @@ def test_external_margin_loss_is_used():
         labels.squeeze_()  # as PartialFC_V2 does
         return emb.sum() * 0 + 1.5
 
-    loss_fn = OTFaceLoss(margin_loss=margin, feature="embedding", lambda_ot=0.0)
+    loss_fn = OTFaceLoss(head=margin, feature="embedding", lambda_ot=0.0)
     out = loss_fn(torch.randn(6, 8), torch.tensor([[0], [0], [1], [1], [2], [2]]))
     assert out.item() == 1.5 and calls == [torch.Size([6])]
 
@@ -338,3 +338,75 @@ def test_components_log_line_round_trip():
     for k in COMPONENTS:
         assert rows[120][k] == pytest.approx(c[k], abs=5e-5)
     assert math.isnan(rows[7]["ot"]) and rows[7]["w_an"] == -math.inf
+
+
+def test_margin_loss_keyword_is_a_deprecated_name_of_head():
+    head = torch.nn.Linear(8, 1)  # any module: its parameters stay under margin_loss.* in the state dict
+    new = OTFaceLoss(head=head, feature="embedding")
+    with pytest.warns(DeprecationWarning, match="head="):
+        old = OTFaceLoss(margin_loss=head, feature="embedding")
+    assert new.head is head and old.head is head and old.margin_loss is head
+    assert list(new.state_dict()) == list(old.state_dict()) and "margin_loss.weight" in new.state_dict()
+    with pytest.raises(TypeError, match="both head= and margin_loss="):
+        OTFaceLoss(head=head, margin_loss=head)
+    with pytest.warns(DeprecationWarning):
+        assert build_loss_otface(margin_loss=head).head is head
+
+
+def build_loss_otface(**options):
+    from otface_plugin import build_loss
+
+    return build_loss("otface", feature="embedding", **options)
+
+
+def _triplet_batch(seed=0):
+    torch.manual_seed(seed)
+    labels = torch.arange(6).repeat_interleave(4)
+    return torch.randn(24, 16), labels, torch.randn(24, 8, 4, 4)
+
+
+@pytest.mark.parametrize("feature", ["conv", "embedding"])
+@pytest.mark.parametrize("ot_compile", ["none", "compile"])
+def test_indices_tuple_replaces_mining(feature, ot_compile):
+    from otface_plugin.mining import mine_triplets
+
+    emb, labels, maps = _triplet_batch()
+    term = OTFaceTerm(feature=feature, triplet_mode="all", ot_compile=ot_compile)
+    if ot_compile != "none":
+        term.loop = "eager"  # the fixed-shape path without torch.compile: same values, no compile time on CPU
+    mined = mine_triplets(emb, labels, "all")
+    features = maps if feature == "conv" else None
+    own = term(emb, labels, features)
+    given = term(emb, labels, features, indices_tuple=mined)
+    assert torch.allclose(given, own, atol=1e-6) and term.last["triplets"] == mined[0].numel()
+    a, p, n = mined
+    other = term(emb, labels, features, indices_tuple=(a[:5], p[:5], n[:5]))
+    assert term.last["triplets"] == 5 and not torch.allclose(other, own)
+    assert float(term(emb, labels, features, indices_tuple=(a[:0], p[:0], n[:0]))) == 0.0
+
+
+def test_indices_tuple_through_the_loss_equals_mining():
+    from otface_plugin.mining import mine_triplets
+
+    emb, labels, maps = _triplet_batch(1)
+    torch.manual_seed(0)
+    loss_fn = OTFaceLoss(num_classes=6, embedding_size=16)
+    mined = mine_triplets(emb, labels, "hard", 0.1)
+    assert mined[0].numel() > 0
+    own = loss_fn(emb, labels, features=maps)
+    assert torch.equal(loss_fn(emb, labels, features=maps, indices_tuple=mined), own)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("aaa", "three index tensors"),
+    ((torch.tensor([0]), torch.tensor([1])), "three index tensors"),
+    ((torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2])), "one length"),
+    ((torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[2]])), "1-D"),
+    ((torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([2.0])), "integer"),
+    ((torch.tensor([0]), torch.tensor([1]), torch.tensor([24])), "index 24, outside the batch of 24"),
+    ((torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])), "index -1"),
+])
+def test_indices_tuple_bad_input_is_a_clear_error(bad, message):
+    emb, labels, maps = _triplet_batch()
+    with pytest.raises(ValueError, match=message):
+        OTFaceLoss(num_classes=6, embedding_size=16)(emb, labels, features=maps, indices_tuple=bad)

@@ -97,7 +97,7 @@ HARD_OPTIONS: Dict[str, Tuple[Any, tuple, str, float]] = {
 RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
 from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple  # noqa: E402  (one definition for loss and config)
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
-FROM_RECIPE = ("margin_loss", "num_classes", "embedding_size")
+FROM_RECIPE = ("head", "margin_loss", "num_classes", "embedding_size")
 HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}
 # OTFace options train_v2.py cannot serve -> why (rejected when the config is loaded, not at step 1)
 RECIPE_UNSUPPORTED = {
@@ -298,12 +298,12 @@ def check_head_options(cfg: Any) -> None:
         raise ConfigError(f"key 'head_options': {exc}") from None
 
 
-def build_otface_loss(margin_loss, options: Mapping[str, Any]):
-    """OTFaceLoss around ``margin_loss`` with the config's options (hook options left out)."""
+def build_otface_loss(head, options: Mapping[str, Any]):
+    """OTFaceLoss around the margin ``head`` (PartialFC_V2) with the config's options (hook options left out)."""
     from otface_plugin import build_loss
 
     loss_options = {k: v for k, v in options.items() if k not in HOOK_OPTIONS and k != "margin"}
-    return build_loss("otface", margin_loss=margin_loss, **loss_options)
+    return build_loss("otface", head=head, **loss_options)
 
 
 def hard_options(options: Any, where: str = "config") -> Dict[str, Any]:

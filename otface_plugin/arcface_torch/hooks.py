@@ -48,7 +48,7 @@ class OTFaceHead(torch.nn.Module):
 
     @property
     def partial_fc(self) -> torch.nn.Module:
-        return self.loss.margin_loss
+        return self.loss.head
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         features = self.capture.pop() if self.capture is not None else None
