@@ -51,7 +51,7 @@ def patched_sources(root: Path) -> Dict[str, bytes]:
     if differ:
         hint = ""
         try:
-            if installer.check(root)[0] == "installed":
+            if installer.check(root)[0] == installer.Status.INSTALLED:
                 hint = "\nThis checkout is already patched by otface-install: run its train_v2.py directly."
         except Exception:  # the hint is best effort; the refusal itself is what matters
             pass
