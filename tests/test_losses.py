@@ -410,3 +410,15 @@ def test_indices_tuple_bad_input_is_a_clear_error(bad, message):
     emb, labels, maps = _triplet_batch()
     with pytest.raises(ValueError, match=message):
         OTFaceLoss(num_classes=6, embedding_size=16)(emb, labels, features=maps, indices_tuple=bad)
+
+
+def test_margin_softmax_loss_defaults_are_margin_logits_defaults():
+    import inspect
+
+    from otface_plugin.losses.margin import MarginSoftmaxLoss
+
+    def options(fn, skip):
+        return [(n, p.default) for n, p in inspect.signature(fn).parameters.items() if n not in skip]
+
+    assert options(margin_logits, ("cosine", "labels")) == options(
+        MarginSoftmaxLoss.__init__, ("self", "num_classes", "embedding_size"))

@@ -108,17 +108,11 @@ class MarginSoftmaxLoss(torch.nn.Module):
     ``misclassified`` triplet mode.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int = 512,
-        s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        interclass_filtering_threshold: float = 0.0,
-        grad: str = "recipe",
-    ) -> None:
+    # margin_logits' options and defaults, as nn.CrossEntropyLoss mirrors F.cross_entropy
+    # (tests/test_losses.py checks that the two signatures agree)
+    def __init__(self, num_classes: int, embedding_size: int = 512, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, interclass_filtering_threshold: float = 0.0,
+                 grad: str = "recipe") -> None:
         super().__init__()
         _check_margins(num_classes, embedding_size, s, m1, m2, m3)
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
