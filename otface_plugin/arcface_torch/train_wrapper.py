@@ -8,8 +8,9 @@ memory, for users who cannot (or do not want to) change their checkout.
 The same unified diffs that ``otface-install`` writes to disk are applied to the upstream
 sources as they are imported (an import finder on ``sys.meta_path`` serves the patched text
 under the files' real paths, so tracebacks point at the right lines), then ``train_v2.py`` runs
-as ``__main__``. Before anything runs, every upstream file the plugin's calls rely on is checked against its pinned git
-blob id: an unknown upstream version is refused, naming the files that differ.
+as ``__main__``. Before anything runs, every upstream file the plugin's calls rely on is
+checked against its pinned git blob id: an unknown upstream version is refused, naming the
+files that differ.
 
 CONFIG is looked up like train_v2.py does (``configs/NAME`` in the checkout); the plugin's own
 example configs (``configs/ms1mv3_r50_otface`` ...) are found too, without copying them.
