@@ -95,7 +95,8 @@ HARD_OPTIONS: Dict[str, Tuple[Any, tuple, str, float]] = {
     "refresh_steps": (1000, (int,), "an integer >= 1", 1),
 }
 RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
-from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple  # noqa: E402  (one definition for loss and config)
+# one definition for loss and config
+from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple  # noqa: E402
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
 FROM_RECIPE = ("head", "margin_loss", "num_classes", "embedding_size")
 HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}

@@ -243,7 +243,7 @@ class OTFaceLoss(torch.nn.Module):
             raise ValueError(f"OTFace option warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if head is None:
             if num_classes is None:
-                raise ValueError("OTFaceLoss needs either head (a margin head, e.g. a PartialFC_V2 module) or num_classes")
+                raise ValueError("OTFaceLoss needs either head (a margin head, e.g. PartialFC_V2) or num_classes")
             if isinstance(margin, str) and margin in HEADS:  # a registered head, e.g. adaface
                 head = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
             else:
