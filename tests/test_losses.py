@@ -422,3 +422,20 @@ def test_margin_softmax_loss_defaults_are_margin_logits_defaults():
 
     assert options(margin_logits, ("cosine", "labels")) == options(
         MarginSoftmaxLoss.__init__, ("self", "num_classes", "embedding_size"))
+
+
+def test_term_options_are_declared_once_by_the_term():
+    import inspect
+
+    from otface_plugin import build_loss
+    from otface_plugin.arcface_torch.config import otface_loss_options
+
+    term = {n: p for n, p in inspect.signature(OTFaceTerm.__init__).parameters.items() if n != "self"}
+    loss = inspect.signature(OTFaceLoss.__init__).parameters
+    for name, p in term.items():
+        assert loss[name].default == p.default and loss[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert set(term) <= set(otface_loss_options()) and not {"head", "margin_loss"} & set(otface_loss_options())
+    built = build_loss("otface", num_classes=4, embedding_size=8, eps=0.2, iters=7, feature="embedding",
+                       ot_margin=0.3, max_triplets=5)
+    t = built.ot_term
+    assert (t.eps, t.iters, t.feature, t.ot_margin, t.max_triplets) == (0.2, 7, "embedding", 0.3, 5)
