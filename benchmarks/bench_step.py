@@ -98,7 +98,7 @@ def main():
     net = (IResNet50Like() if args.backbone == "builtin" else upstream_r50(args.fp16)).to(device)
     capture = FeatureCapture(net, "layer4")
     head = MarginSoftmaxLoss(args.classes, 512).to(device)
-    otface = OTFaceLoss(margin_loss=head, lambda_ot=0.1, triplet_mode="all", ot_compile=args.ot_compile).to(device)
+    otface = OTFaceLoss(head=head, lambda_ot=0.1, triplet_mode="all", ot_compile=args.ot_compile).to(device)
     autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                               enabled=args.fp16 and args.backbone == "builtin")
     B = args.P * args.K

@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mine_triplets", "hardest_pairs", "require_finite", "NonFiniteError", "TRIPLET_MODES", "IGNORE_LABEL"]
+__all__ = ["mine_triplets", "hardest_pairs", "misclassified_mask", "check_triplets", "require_finite", "NonFiniteError",
+           "Triplets", "TRIPLET_MODES", "IGNORE_LABEL"]
 
 TRIPLET_MODES = ("hard", "all", "misclassified")
 IGNORE_LABEL = -1  # "no identity here", as in the margin heads and PartialFC
@@ -38,6 +39,30 @@ def require_finite(name: str, x: torch.Tensor) -> None:
     )
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_triplets(indices_tuple, batch_size: int, device: Optional[torch.device] = None) -> Triplets:
+    """A user's ``(anchors, positives, negatives)`` (pytorch-metric-learning's ``indices_tuple``
+    of a triplet miner) as three (T,) int64 tensors on ``device``; a ValueError saying what is
+    wrong for anything else: not three tensors, not 1-D integer tensors of one length, or an
+    index outside ``[0, batch_size)``. One host synchronisation (the range check)."""
+    if not (isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) == 3
+            and all(isinstance(t, torch.Tensor) for t in indices_tuple)):
+        got = type(indices_tuple).__name__
+        if isinstance(indices_tuple, (tuple, list)):
+            got += f" of {len(indices_tuple)} ({', '.join(type(t).__name__ for t in indices_tuple)})"
+        raise ValueError(f"indices_tuple must be three index tensors (anchors, positives, negatives), got a {got}")
+    shapes = [tuple(t.shape) for t in indices_tuple]
+    if any(len(s) != 1 for s in shapes) or len(set(shapes)) != 1:
+        raise ValueError(f"indices_tuple must be three 1-D index tensors of one length, got shapes {shapes}")
+    if any(t.dtype == torch.bool or t.is_floating_point() or t.is_complex() for t in indices_tuple):
+        raise ValueError(f"indices_tuple must hold integer indices, got dtypes {[t.dtype for t in indices_tuple]}")
+    a, p, n = (t.to(device=device, dtype=torch.long) for t in indices_tuple)
+    if a.numel():
+        low, high = (int(v) for v in torch.aminmax(torch.cat([a, p, n])))
+        if low < 0 or high >= batch_size:
+            raise ValueError(f"indices_tuple holds index {low if low < 0 else high}, outside the batch of {batch_size}")
+    return a, p, n
 
 
 @torch.no_grad()
@@ -110,13 +135,17 @@ def mine_triplets(
     if mode == "hard":
         select = select & (S[anchors, negative] + margin > S[anchors, positive])
     elif mode == "misclassified":
-        select = select & _misclassified_mask(labels, logits, misclassified)
+        select = select & misclassified_mask(labels, logits, misclassified)
 
     idx = torch.nonzero(select, as_tuple=False).view(-1)
     return idx, positive[idx], negative[idx]
 
 
-def _misclassified_mask(labels, logits, misclassified):
+def misclassified_mask(
+    labels: torch.Tensor, logits: Optional[torch.Tensor], misclassified: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(B,) bool: the samples whose target logit is not the largest (a given ``misclassified``
+    mask is checked and used as is); the ``"misclassified"`` triplet mode's anchor filter."""
     if misclassified is not None:
         mask = misclassified.view(-1).to(device=labels.device, dtype=torch.bool)
         if mask.shape[0] != labels.shape[0]:

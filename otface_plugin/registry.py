@@ -50,6 +50,14 @@ def build_loss(name: str, **options):
     Unknown names and unknown options are errors: a typo in a config must not silently fall back
     to a default.
     """
+    factory = _LOSSES[registered_name(name)]
+    _check_options(name, factory, options)
+    return factory(**options)
+
+
+def registered_name(name: str) -> str:
+    """The registry's key for ``name`` (stripped, lower case); :class:`UnknownLossError` for a
+    name nothing registered, ImportError for an entry point that failed to load."""
     _load_builtin_and_entry_points()
     key = _normalise(name)
     if key in _BROKEN and key not in _LOSSES:
@@ -58,9 +66,7 @@ def build_loss(name: str, **options):
         raise UnknownLossError(
             f"unknown loss {name!r}; registered losses: {', '.join(available_losses())}"
         )
-    factory = _LOSSES[key]
-    _check_options(name, factory, options)
-    return factory(**options)
+    return key
 
 
 def _normalise(name: str) -> str:

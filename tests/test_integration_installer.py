@@ -302,3 +302,9 @@ def test_failure_on_the_first_file_says_nothing_was_changed(checkout, monkeypatc
                                                       r"changed yet: .* is as it was$"):
         installer.install(checkout)
     assert snapshot(checkout) == before
+
+
+def test_states_are_str_enums_that_print_as_before():
+    assert installer.Status.INSTALLED == "installed" and f"{installer.Status.PARTIAL}" == "partially installed"
+    assert str(installer.FileKind.MODIFIED) == "modified" and f"{installer.FileKind.MISSING:>8}" == " missing"
+    assert {installer.Status.INSTALLED: 0}.get("installed") == 0

@@ -230,7 +230,7 @@ def test_external_margin_loss_is_used():
         labels.squeeze_()  # as PartialFC_V2 does
         return emb.sum() * 0 + 1.5
 
-    loss_fn = OTFaceLoss(margin_loss=margin, feature="embedding", lambda_ot=0.0)
+    loss_fn = OTFaceLoss(head=margin, feature="embedding", lambda_ot=0.0)
     out = loss_fn(torch.randn(6, 8), torch.tensor([[0], [0], [1], [1], [2], [2]]))
     assert out.item() == 1.5 and calls == [torch.Size([6])]
 
@@ -278,3 +278,141 @@ def test_standalone_training_separates_identities():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_margin_triple_is_one_rule_for_loss_and_config():
+    from otface_plugin.arcface_torch.config import ConfigError, check_job
+    from otface_plugin.losses.margin import margin_triple
+
+    assert margin_triple("cosface") == (1.0, 0.0, 0.4)
+    assert margin_triple([1, 0.5, 0]) == (1.0, 0.5, 0.0)
+    assert margin_triple(np.array([1.0, 0.3, 0.2])) == (1.0, 0.3, 0.2)
+    for bad in ("sphereface", [1.0, 0.5], [1.0, True, 0.0], 0.5):
+        with pytest.raises(ValueError, match="margin"):
+            margin_triple(bad)
+        with pytest.raises(ValueError, match="margin"):
+            OTFaceLoss(num_classes=4, embedding_size=8, margin=bad)
+    with pytest.raises(ConfigError, match=r"^job.yaml: key 'margin_list' must be three numbers"):
+        check_job({"margin_list": [1.0, 0.5]}, where="job.yaml")
+
+
+def test_components_log_line_round_trip():
+    from otface_plugin.losses.components import COMPONENTS, PARTS, format_components, parse_components
+
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=8, feature="embedding", triplet_mode="all")
+    torch.manual_seed(0)
+    loss_fn(torch.randn(8, 8), torch.arange(4).repeat(2))
+    c = loss_fn.components()
+    assert tuple(c) == COMPONENTS and PARTS == COMPONENTS[1:]
+    line = format_components(120, c)
+    # the line train_v2.py has always written (tests/test_integration_train.py reads it too)
+    assert line == ("OTFace   Global Step: 120   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   HardTriplets %d   "
+                    "W(a,p) %.4f   W(a,n) %.4f" % (c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]),
+                                                   c["w_ap"], c["w_an"]))
+    nan_line = format_components(7, {**c, "ot": float("nan"), "w_an": float("-inf")})
+    rows = parse_components(f"2026-01-01 INFO: {line}\nTraining: other\n{nan_line.replace('   ', ' ')}\n")
+    assert set(rows) == {120, 7} and set(rows[120]) == set(COMPONENTS)
+    for k in COMPONENTS:
+        assert rows[120][k] == pytest.approx(c[k], abs=5e-5)
+    assert math.isnan(rows[7]["ot"]) and rows[7]["w_an"] == -math.inf
+
+
+def test_margin_loss_keyword_is_a_deprecated_name_of_head():
+    head = torch.nn.Linear(8, 1)  # any module: its parameters stay under margin_loss.* in the state dict
+    new = OTFaceLoss(head=head, feature="embedding")
+    with pytest.warns(DeprecationWarning, match="head="):
+        old = OTFaceLoss(margin_loss=head, feature="embedding")
+    assert new.head is head and old.head is head and old.margin_loss is head
+    assert list(new.state_dict()) == list(old.state_dict()) and "margin_loss.weight" in new.state_dict()
+    with pytest.raises(TypeError, match="both head= and margin_loss="):
+        OTFaceLoss(head=head, margin_loss=head)
+    with pytest.warns(DeprecationWarning):
+        assert build_loss_otface(margin_loss=head).head is head
+
+
+def build_loss_otface(**options):
+    from otface_plugin import build_loss
+
+    return build_loss("otface", feature="embedding", **options)
+
+
+def _triplet_batch(seed=0):
+    torch.manual_seed(seed)
+    labels = torch.arange(6).repeat_interleave(4)
+    return torch.randn(24, 16), labels, torch.randn(24, 8, 4, 4)
+
+
+@pytest.mark.parametrize("feature", ["conv", "embedding"])
+@pytest.mark.parametrize("ot_compile", ["none", "compile"])
+def test_indices_tuple_replaces_mining(feature, ot_compile):
+    from otface_plugin.mining import mine_triplets
+
+    emb, labels, maps = _triplet_batch()
+    term = OTFaceTerm(feature=feature, triplet_mode="all", ot_compile=ot_compile)
+    if ot_compile != "none":
+        term.loop = "eager"  # the fixed-shape path without torch.compile: same values, no compile time on CPU
+    mined = mine_triplets(emb, labels, "all")
+    features = maps if feature == "conv" else None
+    own = term(emb, labels, features)
+    given = term(emb, labels, features, indices_tuple=mined)
+    assert torch.allclose(given, own, atol=1e-6) and term.last["triplets"] == mined[0].numel()
+    a, p, n = mined
+    other = term(emb, labels, features, indices_tuple=(a[:5], p[:5], n[:5]))
+    assert term.last["triplets"] == 5 and not torch.allclose(other, own)
+    assert float(term(emb, labels, features, indices_tuple=(a[:0], p[:0], n[:0]))) == 0.0
+
+
+def test_indices_tuple_through_the_loss_equals_mining():
+    from otface_plugin.mining import mine_triplets
+
+    emb, labels, maps = _triplet_batch(1)
+    torch.manual_seed(0)
+    loss_fn = OTFaceLoss(num_classes=6, embedding_size=16)
+    mined = mine_triplets(emb, labels, "hard", 0.1)
+    assert mined[0].numel() > 0
+    own = loss_fn(emb, labels, features=maps)
+    assert torch.equal(loss_fn(emb, labels, features=maps, indices_tuple=mined), own)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("aaa", "three index tensors"),
+    ((torch.tensor([0]), torch.tensor([1])), "three index tensors"),
+    ((torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2])), "one length"),
+    ((torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[2]])), "1-D"),
+    ((torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([2.0])), "integer"),
+    ((torch.tensor([0]), torch.tensor([1]), torch.tensor([24])), "index 24, outside the batch of 24"),
+    ((torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])), "index -1"),
+])
+def test_indices_tuple_bad_input_is_a_clear_error(bad, message):
+    emb, labels, maps = _triplet_batch()
+    with pytest.raises(ValueError, match=message):
+        OTFaceLoss(num_classes=6, embedding_size=16)(emb, labels, features=maps, indices_tuple=bad)
+
+
+def test_margin_softmax_loss_defaults_are_margin_logits_defaults():
+    import inspect
+
+    from otface_plugin.losses.margin import MarginSoftmaxLoss
+
+    def options(fn, skip):
+        return [(n, p.default) for n, p in inspect.signature(fn).parameters.items() if n not in skip]
+
+    assert options(margin_logits, ("cosine", "labels")) == options(
+        MarginSoftmaxLoss.__init__, ("self", "num_classes", "embedding_size"))
+
+
+def test_term_options_are_declared_once_by_the_term():
+    import inspect
+
+    from otface_plugin import build_loss
+    from otface_plugin.arcface_torch.config import otface_loss_options
+
+    term = {n: p for n, p in inspect.signature(OTFaceTerm.__init__).parameters.items() if n != "self"}
+    loss = inspect.signature(OTFaceLoss.__init__).parameters
+    for name, p in term.items():
+        assert loss[name].default == p.default and loss[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert set(term) <= set(otface_loss_options()) and not {"head", "margin_loss"} & set(otface_loss_options())
+    built = build_loss("otface", num_classes=4, embedding_size=8, eps=0.2, iters=7, feature="embedding",
+                       ot_margin=0.3, max_triplets=5)
+    t = built.ot_term
+    assert (t.eps, t.iters, t.feature, t.ot_margin, t.max_triplets) == (0.2, 7, "embedding", 0.3, 5)

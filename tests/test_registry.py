@@ -74,3 +74,19 @@ def test_entry_point_discovery(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="DoesNotExist"):
         build_loss("broken")
     sys.modules.pop("extra_pkg", None)
+
+
+def test_config_loss_names_get_the_registry_error():
+    from easydict import EasyDict
+
+    from otface_plugin.arcface_torch.config import ConfigError, prepare_config
+    from otface_plugin.registry import UnknownLossError, registered_name
+
+    assert registered_name("  OTFace ") == "otface"
+    with pytest.raises(UnknownLossError) as from_registry:
+        registered_name("arcfce")
+    with pytest.raises(UnknownLossError) as from_config:
+        prepare_config(EasyDict(loss="arcfce", batch_size=8))
+    assert str(from_config.value) == str(from_registry.value)
+    with pytest.raises(ConfigError, match="key 'loss' must be a loss name"):
+        prepare_config(EasyDict(loss=" ", batch_size=8))

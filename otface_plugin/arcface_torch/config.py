@@ -95,9 +95,10 @@ HARD_OPTIONS: Dict[str, Tuple[Any, tuple, str, float]] = {
     "refresh_steps": (1000, (int,), "an integer >= 1", 1),
 }
 RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
-from otface_plugin.losses.margin import MARGIN_PRESETS  # noqa: E402  (one definition for loss and config)
+# one definition for loss and config
+from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple  # noqa: E402
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
-FROM_RECIPE = ("margin_loss", "num_classes", "embedding_size")
+FROM_RECIPE = ("head", "margin_loss", "num_classes", "embedding_size")
 HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}
 # OTFace options train_v2.py cannot serve -> why (rejected when the config is loaded, not at step 1)
 RECIPE_UNSUPPORTED = {
@@ -201,15 +202,11 @@ def _suggest(key: str, known) -> str:
 
 
 def _margin_triple(value: Any, what: str) -> Tuple[float, float, float]:
-    if isinstance(value, str):
-        if value not in MARGIN_PRESETS:
-            raise ConfigError(f"{what} must be arcface, cosface, a margin head ({', '.join(sorted(_heads()))}) "
-                              f"or [m1, m2, m3], got {value!r}")
-        return MARGIN_PRESETS[value]
-    if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(isinstance(m, Number) and not isinstance(m, bool) for m in value)):
-        raise ConfigError(f"{what} must be three numbers [m1, m2, m3], got {value!r}")
-    return tuple(value)
+    """:func:`~otface_plugin.losses.margin.margin_triple`, its error as a ConfigError."""
+    try:
+        return margin_triple(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,12 +299,12 @@ def check_head_options(cfg: Any) -> None:
         raise ConfigError(f"key 'head_options': {exc}") from None
 
 
-def build_otface_loss(margin_loss, options: Mapping[str, Any]):
-    """OTFaceLoss around ``margin_loss`` with the config's options (hook options left out)."""
+def build_otface_loss(head, options: Mapping[str, Any]):
+    """OTFaceLoss around the margin ``head`` (PartialFC_V2) with the config's options (hook options left out)."""
     from otface_plugin import build_loss
 
     loss_options = {k: v for k, v in options.items() if k not in HOOK_OPTIONS and k != "margin"}
-    return build_loss("otface", margin_loss=margin_loss, **loss_options)
+    return build_loss("otface", head=head, **loss_options)
 
 
 def hard_options(options: Any, where: str = "config") -> Dict[str, Any]:
@@ -395,14 +392,11 @@ def _note_fp16_without_cuda(cfg: Any) -> None:
 
 
 def _check_loss_name(loss: Any) -> str:
-    from otface_plugin.registry import UnknownLossError, available_losses
+    from otface_plugin.registry import registered_name
 
-    if not isinstance(loss, str):
+    if not isinstance(loss, str) or not loss.strip():
         raise ConfigError(f"key 'loss' must be a loss name, got {loss!r}")
-    name = loss.strip().lower()
-    registered = available_losses()
-    if name not in registered:
-        raise UnknownLossError(f"unknown loss {loss!r}; registered losses: {', '.join(registered)}")
+    name = registered_name(loss)  # the registry's own error for a name nothing registered
     if name not in RECIPE_LOSSES and name not in _heads():
         raise ConfigError(
             f"loss {loss!r} is registered, but train_v2.py can build only "

@@ -1,13 +1,16 @@
-"""The head, sampler and logging hooks a patched ``train_v2.py`` calls.
+"""The recipe's call sites: the head, sampler and logging functions a patched ``train_v2.py`` calls.
 
-With ``loss`` unset, ``arcface``, ``cosface`` or ``combined`` every hook is a no-op: upstream's
+("Hooks" in this module's name means these call sites; torch's forward and state-dict hooks are
+called forward/post-hooks below, and the no-patch wrapper's is an import finder.)
+
+With ``loss`` unset, ``arcface``, ``cosface`` or ``combined`` every call is a no-op: upstream's
 PartialFC_V2 and DistributedSampler are used as they are. With ``loss: otface`` the head is an
 :class:`OTFaceHead`: upstream's PartialFC_V2 (the margin softmax, unchanged) inside an
 OTFaceLoss, whose OT term reads the backbone's high-level features (iresnet ``layer4``,
 MobileFaceNet ``conv_sep``, ViT ``norm`` tokens; see feature_layers.py) through a forward hook, so the
 backbone, ``model.pt`` and the ONNX export stay exactly upstream's.
 
-With ``sampler: hard`` (any loss) the sampler is a :class:`HardPKSampler` and the per-step hook
+With ``sampler: hard`` (any loss) the sampler is a :class:`HardPKSampler` and the per-step call
 (:func:`log_components`, called on every rank after every step) refreshes its neighbour table from
 PartialFC_V2's class centres every ``hard.refresh_steps`` steps and at every epoch end; a resumed
 run refreshes when the checkpoint is loaded into the head, so it plans its first epoch as the
@@ -29,6 +32,7 @@ from torch import distributed
 from otface_plugin.arcface_torch.config import build_otface_loss, hard_options, head_of
 from otface_plugin.arcface_torch.feature_layers import default_layer
 from otface_plugin.features import FeatureCapture, unwrap
+from otface_plugin.losses.components import COMPONENTS, format_components
 from otface_plugin.losses.head import MarginHead, build_margin
 
 
@@ -47,7 +51,7 @@ class OTFaceHead(torch.nn.Module):
 
     @property
     def partial_fc(self) -> torch.nn.Module:
-        return self.loss.margin_loss
+        return self.loss.head
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         features = self.capture.pop() if self.capture is not None else None
@@ -231,13 +235,12 @@ def identity_index(dataset):
     )
 
 
-COMPONENTS = ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an")
 WANDB_STEP = "otface/global_step"
 _WANDB_DEFINED: set = set()  # ids of the wandb runs whose otface metrics are defined
 
 
 def log_components(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
-    """The per-step hook (every rank, after every step): refreshes a hard sampler
+    """The per-step call (every rank, after every step): refreshes a hard sampler
     (:func:`refresh_hard_sampler`), then, every ``frequent`` steps, writes the OTFace loss parts
     into the training log, tensorboard and, with ``using_wandb``, the recipe's wandb run (rank 0;
     the values are rank 0's local batch). No-op for upstream heads and samplers."""
@@ -248,11 +251,7 @@ def log_components(head: torch.nn.Module, global_step: int, frequent: int, write
     if rank != 0:
         return
     c = head.components()
-    logging.info(
-        "OTFace   Global Step: %d   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   "
-        "HardTriplets %d   W(a,p) %.4f   W(a,n) %.4f",
-        global_step, c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]), c["w_ap"], c["w_an"],
-    )
+    logging.info("%s", format_components(global_step, c))
     if writer is not None:
         for key in COMPONENTS:
             writer.add_scalar(f"otface/{key}", c[key], global_step)

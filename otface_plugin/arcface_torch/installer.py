@@ -22,6 +22,7 @@ import shutil
 import stat
 import sys
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +40,34 @@ from otface_plugin.arcface_torch.shipped import shipped_dir
 
 MANIFEST = ".otface_plugin_install.json"
 TEMP_SUFFIX = ".otface-tmp"
-PRISTINE, PATCHED, MODIFIED, MISSING = "pristine", "patched", "modified", "missing"
+
+
+class _Printed(str, Enum):
+    """A str-valued state: compares equal to, and prints as, its value ("installed", ...)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class FileKind(_Printed):
+    """What one file the patches touch is in a checkout."""
+    PRISTINE = "pristine"  # the pinned upstream bytes
+    PATCHED = "patched"  # upstream with this version's patches
+    MODIFIED = "modified"  # anything else: refused
+    MISSING = "missing"
+
+
+class Status(_Printed):
+    """A checkout as a whole (``otface-install --check``)."""
+    INSTALLED = "installed"
+    NOT_INSTALLED = "not installed"
+    PARTIAL = "partially installed"
+    REFUSED = "refused"
+
+
+PRISTINE, PATCHED, MODIFIED, MISSING = FileKind  # short names used below
 
 
 class InstallRefused(RuntimeError):
@@ -53,7 +81,7 @@ class InstallFailed(OSError):
 @dataclass
 class FileState:
     path: str
-    state: str  # PRISTINE, PATCHED, MODIFIED or MISSING
+    state: FileKind
     current: Optional[bytes]
     pristine: Optional[bytes] = None  # upstream bytes (known unless MODIFIED / MISSING)
     patched: Optional[bytes] = None  # bytes with the patches applied
@@ -317,18 +345,18 @@ def revert(root: Path, dry_run: bool = False) -> Plan:
     return plan
 
 
-def check(root: Path) -> Tuple[str, List[FileState]]:
-    """"installed", "not installed", "partially installed" or "refused" and the file states."""
+def check(root: Path) -> Tuple[Status, List[FileState]]:
+    """The checkout's :class:`Status` and the file states."""
     root = _check_root(root)
     states = inspect_checkout(root)
     kinds = {s.state for s in states}
     if kinds & {MODIFIED, MISSING}:
-        return "refused", states
+        return Status.REFUSED, states
     if kinds == {PATCHED}:
-        return "installed", states
+        return Status.INSTALLED, states
     if kinds == {PRISTINE}:
-        return "not installed", states
-    return "partially installed", states
+        return Status.NOT_INSTALLED, states
+    return Status.PARTIAL, states
 
 
 def copy_checkout(src: Path, dst: Path) -> Path:
@@ -354,30 +382,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     args = parser.parse_args(argv)
     root = args.arcface_torch_dir
+    where, version = Path(root).resolve(), otface_plugin.__version__
     try:
         if args.check:
             status, states = check(root)
             for s in states:
                 print(f"  {s.path}: {s.state}")
-            print(f"otface-plugin {otface_plugin.__version__}: {status} in {Path(root).resolve()}")
-            return {"installed": 0, "refused": 2}.get(status, 1)
+            print(f"otface-plugin {version}: {status} in {where}")
+            return {Status.INSTALLED: 0, Status.REFUSED: 2}.get(status, 1)
         if args.revert:
             plan = revert(root, dry_run=args.dry_run)
-            if not plan.writes:
-                print(f"nothing to revert in {Path(root).resolve()} (not installed)")
-                _print_notes(plan)
-            else:
-                prefix = "would revert" if args.dry_run else "reverted"
-                print(f"{prefix} {Path(root).resolve()}:\n{_describe(plan, 'restore')}")
-            return 0
-        plan = install(root, dry_run=args.dry_run)
-        if not plan.writes:
-            print(f"otface-plugin {otface_plugin.__version__} already installed in {Path(root).resolve()}")
-            _print_notes(plan)
+            _report(plan, f"nothing to revert in {where} (not installed)",
+                    f"{'would revert' if args.dry_run else 'reverted'} {where}", "restore")
         else:
-            prefix = "would install" if args.dry_run else "installed"
-            print(f"{prefix} otface-plugin {otface_plugin.__version__} in {Path(root).resolve()}:\n"
-                  f"{_describe(plan, 'write')}")
+            plan = install(root, dry_run=args.dry_run)
+            _report(plan, f"otface-plugin {version} already installed in {where}",
+                    f"{'would install' if args.dry_run else 'installed'} otface-plugin {version} in {where}", "write")
         return 0
     except InstallRefused as exc:
         print(f"otface-install: refused: {exc}", file=sys.stderr)
@@ -390,7 +410,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 3
 
 
-def _print_notes(plan: Plan) -> None:
+def _report(plan: Plan, nothing: str, done: str, action: str) -> None:
+    """``done`` and each file the plan writes, or, when it writes nothing, ``nothing`` and its notes."""
+    if plan.writes:
+        print(f"{done}:\n{_describe(plan, action)}")
+        return
+    print(nothing)
     for note in plan.notes:
         print(f"  {note}")
 

@@ -6,10 +6,11 @@ memory, for users who cannot (or do not want to) change their checkout.
     otface-train --arcface-root DIR --run torch2onnx.py MODEL.pt --network r50
 
 The same unified diffs that ``otface-install`` writes to disk are applied to the upstream
-sources as they are imported (an import hook serves the patched text under the files' real
-paths, so tracebacks point at the right lines), then ``train_v2.py`` runs as ``__main__``.
-Before anything runs, every upstream file the hooks rely on is checked against its pinned git
-blob id: an unknown upstream version is refused, naming the files that differ.
+sources as they are imported (an import finder on ``sys.meta_path`` serves the patched text
+under the files' real paths, so tracebacks point at the right lines), then ``train_v2.py`` runs
+as ``__main__``. Before anything runs, every upstream file the plugin's calls rely on is
+checked against its pinned git blob id: an unknown upstream version is refused, naming the
+files that differ.
 
 CONFIG is looked up like train_v2.py does (``configs/NAME`` in the checkout); the plugin's own
 example configs (``configs/ms1mv3_r50_otface`` ...) are found too, without copying them.
@@ -51,7 +52,7 @@ def patched_sources(root: Path) -> Dict[str, bytes]:
     if differ:
         hint = ""
         try:
-            if installer.check(root)[0] == "installed":
+            if installer.check(root)[0] == installer.Status.INSTALLED:
                 hint = "\nThis checkout is already patched by otface-install: run its train_v2.py directly."
         except Exception:  # the hint is best effort; the refusal itself is what matters
             pass
@@ -90,7 +91,7 @@ class PatchedSourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def prepare(root: Path) -> PatchedSourceFinder:
-    """Check the checkout, put it first on sys.path and install the import hook."""
+    """Check the checkout, put it first on sys.path and install the import finder."""
     root = root.expanduser().resolve()
     if not (root / "train_v2.py").is_file():
         raise RefusedCheckout(f"{root} has no train_v2.py: give the recognition/arcface_torch directory")

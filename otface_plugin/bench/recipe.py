@@ -26,6 +26,7 @@ import numpy as np
 
 from otface_plugin.bench.spec import OTFACE_DEFAULTS, RunSpec, TrainConfig
 from otface_plugin.bench.store import write_result
+from otface_plugin.losses.components import PARTS, parse_components
 
 ENV_UPSTREAM = "ARCFACE_TORCH_DIR"
 ENV_TRAIN_PYTHON = "OTFACE_TRAIN_PYTHON"
@@ -37,9 +38,6 @@ TRAIN_DEPS = "import mxnet, sklearn, scipy, tensorboard, easydict"
 
 LOSS_LINE = re.compile(r"Training: (\S+ \S+)-.*?Loss ([-\d.naif]+)\s+LearningRate ([-\d.e]+)\s+"
                        r"Epoch: (\d+)\s+Global Step: (\d+)")
-OT_LINE = re.compile(r"OTFace\s+Global Step: (\d+)\s+Loss ([-\d.naif]+)\s+Margin ([-\d.naif]+)\s+"
-                     r"OT ([-\d.naif]+)\s+Lambda ([-\d.naif]+)\s+HardTriplets (\d+)\s+"
-                     r"W\(a,p\) ([-\d.naif]+)\s+W\(a,n\) ([-\d.naif]+)")
 
 
 def resolve_route(route: str) -> str:
@@ -75,7 +73,7 @@ def prepare_checkout(work: Path, upstream: Optional[str] = None) -> Path:
     root = work / "arcface_torch"
     if root.is_dir():
         try:
-            if installer.check(root)[0] == "installed":
+            if installer.check(root)[0] == installer.Status.INSTALLED:
                 return root
         except Exception:  # noqa: BLE001 - a broken copy is rebuilt below
             pass
@@ -154,15 +152,9 @@ def parse_log(text: str, is_ot: bool) -> Dict[str, Any]:
         history["loss"].append(float(m.group(2)))
         stamps.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
     if is_ot:
-        rows = {int(m.group(1)): m for m in OT_LINE.finditer(text)}
-        keys = ("margin", "ot", "lambda", "triplets", "w_ap", "w_an")
-        groups = (3, 4, 5, 6, 7, 8)
-        for k in keys:
-            history[k] = []
-        for s in history["step"]:
-            m = rows.get(s)
-            for k, g in zip(keys, groups):
-                history[k].append(float(m.group(g)) if m else float("nan"))
+        rows = parse_components(text)
+        for k in PARTS:
+            history[k] = [rows[s][k] if s in rows else float("nan") for s in history["step"]]
     per_step = [1000 * (t1 - t0) / (s1 - s0) for t0, t1, s0, s1 in
                 zip(stamps, stamps[1:], history["step"], history["step"][1:]) if s1 > s0]
     return {"history": history, "ms_per_step": per_step}

@@ -19,6 +19,7 @@ from otface_plugin.bench.data import TrainSet, train_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.bench.spec import OTFACE_DEFAULTS, RunSpec, TrainConfig
 from otface_plugin.features import FeatureCapture
+from otface_plugin.losses.components import PARTS
 
 def build_run_loss(spec: RunSpec, cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The loss module of a run; OTFace's lambda warms up over the first 10% of the steps."""
@@ -57,13 +58,13 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
     is_ot = spec.loss == "otface"
     history: Dict[str, List[float]] = {"step": [], "loss": []}
     if is_ot:
-        for k in ("margin", "ot", "lambda", "triplets", "w_ap", "w_an"):
+        for k in PARTS:
             history[k] = []
     net.train()
     loss_fn.train()
     step_times: List[float] = []
     start = time.perf_counter()
-    head = loss_fn.margin_loss if is_ot else loss_fn
+    head = loss_fn.head if is_ot else loss_fn
     batches = train_batches(train, cfg.batch_size, cfg.K, spec.seed, cfg.steps, spec.sampler,
                             centres=lambda: head.weight.detach())
     for step, (x, y) in enumerate(batches):
@@ -85,7 +86,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig, train: TrainSet,
             history["loss"].append(value)
             if is_ot:
                 c = loss_fn.components()
-                for k in ("margin", "ot", "lambda", "triplets", "w_ap", "w_an"):
+                for k in PARTS:
                     history[k].append(float(c[k]))
         if on_step:
             on_step(step)

@@ -13,19 +13,41 @@ instead.
 from __future__ import annotations
 
 import math
+from numbers import Real
+from typing import Any, Tuple
 
 import torch
 from torch.nn import functional as F
 
 from otface_plugin.registry import register_loss
 
-__all__ = ["margin_logits", "MarginSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "MARGIN_PRESETS"]
+__all__ = ["margin_logits", "margin_triple", "MarginSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "MARGIN_PRESETS"]
 
 # (m1, m2, m3) as arcface_torch's config.margin_list.
 MARGIN_PRESETS = {
     "arcface": (1.0, 0.5, 0.0),
     "cosface": (1.0, 0.0, 0.4),
 }
+
+
+def margin_triple(value: Any, what: str = "margin") -> Tuple[float, float, float]:
+    """``(m1, m2, m3)`` of a preset name (:data:`MARGIN_PRESETS`) or of three numbers; else a
+    ValueError naming ``what`` (OTFaceLoss's ``margin``, a config's ``margin_list``, ...)."""
+    if isinstance(value, str):
+        if value not in MARGIN_PRESETS:
+            from otface_plugin.losses.head import HEADS  # imported here: head.py builds on this module
+
+            raise ValueError(f"{what} must be arcface, cosface, a margin head ({', '.join(sorted(HEADS))}) "
+                             f"or [m1, m2, m3], got {value!r}")
+        return MARGIN_PRESETS[value]
+    try:
+        triple = tuple(value)
+    except TypeError:
+        triple = ()
+    if len(triple) != 3 or not all(isinstance(m, Real) and not isinstance(m, bool) for m in triple):
+        raise ValueError(f"{what} must be three numbers [m1, m2, m3], got {value!r}")
+    m1, m2, m3 = (float(m) for m in triple)
+    return m1, m2, m3
 
 
 def margin_logits(
@@ -86,17 +108,11 @@ class MarginSoftmaxLoss(torch.nn.Module):
     ``misclassified`` triplet mode.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int = 512,
-        s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        interclass_filtering_threshold: float = 0.0,
-        grad: str = "recipe",
-    ) -> None:
+    # margin_logits' options and defaults, as nn.CrossEntropyLoss mirrors F.cross_entropy
+    # (tests/test_losses.py checks that the two signatures agree)
+    def __init__(self, num_classes: int, embedding_size: int = 512, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, interclass_filtering_threshold: float = 0.0,
+                 grad: str = "recipe") -> None:
         super().__init__()
         _check_margins(num_classes, embedding_size, s, m1, m2, m3)
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)

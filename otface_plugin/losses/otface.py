@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 from torch.nn import functional as F
 
 from otface_plugin.losses.head import HEADS
-from otface_plugin.losses.margin import MARGIN_PRESETS, MarginSoftmaxLoss
-from otface_plugin.mining import TRIPLET_MODES, _misclassified_mask, hardest_pairs, mine_triplets, require_finite
+from otface_plugin.losses.margin import MarginSoftmaxLoss, margin_triple
+from otface_plugin.mining import (TRIPLET_MODES, Triplets, check_triplets, hardest_pairs, mine_triplets,
+                                  misclassified_mask, require_finite)
 from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
 from otface_plugin.registry import register_loss
 
@@ -93,13 +95,13 @@ class OTFaceTerm(torch.nn.Module):
         self.loop = OT_COMPILE[ot_compile] if small_span else "eager"
         self.last: Dict[str, torch.Tensor | float] = {}
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        features: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, features: Optional[torch.Tensor] = None,
+                logits: Optional[torch.Tensor] = None, indices_tuple: Optional[Triplets] = None) -> torch.Tensor:
+        """``L_OT`` of the batch. ``indices_tuple``: your own ``(anchors, positives, negatives)``
+        index tensors (a pytorch-metric-learning triplet miner's output) instead of this term's
+        mining; ``triplet_mode``, ``triplet_margin`` and ``logits`` then play no part, and
+        ``max_triplets`` still keeps the most violating ones. Such triplets take the eager path
+        (their count changes from step to step) whatever ``ot_compile`` says; same loss value."""
         labels = labels.view(-1)
         if self.feature == "conv":
             if features is None:
@@ -114,10 +116,16 @@ class OTFaceTerm(torch.nn.Module):
                     f"got {tuple(features.shape)}"
                 )
         zero = torch.zeros((), device=embeddings.device)
-        if self.ot_compile == "none":
+        loop = self.loop
+        if self.ot_compile == "none" or indices_tuple is not None:
             if self.feature == "conv":  # NaN/inf is an error (mining checks the embeddings)
                 require_finite("conv features", features)
-            a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
+            if indices_tuple is None:
+                a, p, n = mine_triplets(embeddings, labels, self.triplet_mode, self.triplet_margin, logits=logits)
+            else:
+                require_finite("embeddings", embeddings)  # as mining would
+                a, p, n = check_triplets(indices_tuple, labels.shape[0], embeddings.device)
+                loop = "eager"
             a, p, n = self._cap(embeddings, a, p, n)
             mask = None
             # the count is on the host already (mining synchronised): no device copy per step
@@ -144,7 +152,7 @@ class OTFaceTerm(torch.nn.Module):
             weights = weights.expand(2, -1)
             mask = (count > 0).float().view(1)
         w = sinkhorn(cost, weights, weights, eps=self.eps, iters=self.iters, grad=self.grad,
-                     eps_start=self.eps_start, method=self.method, loop=self.loop).cost
+                     eps_start=self.eps_start, method=self.method, loop=loop).cost
         w_ap, w_an = w.chunk(2)
         gap = w_ap - w_an + self.ot_margin
         per_triplet = F.relu(gap) if self.ot_form == "hinge" else F.softplus(gap)
@@ -168,7 +176,7 @@ class OTFaceTerm(torch.nn.Module):
         if self.triplet_mode == "hard":
             select = select & (S[a, n] + self.triplet_margin > S[a, p])
         elif self.triplet_mode == "misclassified":
-            select = select & _misclassified_mask(labels, logits, None)
+            select = select & misclassified_mask(labels, logits, None)
         if self.max_triplets is not None and self.max_triplets < S.shape[0]:
             keep = torch.where(select, violation, torch.full_like(violation, -math.inf)).topk(self.max_triplets).indices
             a, p, n, select = a[keep], p[keep], n[keep], select[keep]
@@ -189,45 +197,61 @@ class OTFaceTerm(torch.nn.Module):
 class OTFaceLoss(torch.nn.Module):
     """``L = L_margin + lambda * L_OT`` with a linear warm-up of lambda.
 
-    The margin part is ``margin_loss(embeddings, labels)`` when a module is given (inside
-    arcface_torch: its PartialFC_V2), else an own :class:`MarginSoftmaxLoss` built from
-    ``num_classes``, ``embedding_size`` and ``margin`` (``"arcface"``, ``"cosface"``, an
-    ``(m1, m2, m3)`` tuple or a registered head such as ``"adaface"``). The OT term's options
-    (``eps``, ``iters``, ``feature``, ...) are :class:`OTFaceTerm`'s, passed on by keyword; the
-    signature lists them. The step counter is a buffer, so it is saved with the state dict
-    and a resumed run continues the warm-up where it stopped.
+    The margin part is ``head(embeddings, labels)`` when a margin head is given (a module or
+    function returning the margin-softmax loss; inside arcface_torch: its PartialFC_V2), else an
+    own :class:`MarginSoftmaxLoss` built from ``num_classes``, ``embedding_size`` and ``margin``
+    (``"arcface"``, ``"cosface"``, an ``(m1, m2, m3)`` tuple or a registered head such as
+    ``"adaface"``). ``margin_loss=`` is the old name of ``head=`` (deprecated); the head is
+    stored as the submodule ``margin_loss``, the name checkpoints hold, and :attr:`head` reads it.
+    The other margins are the OT term's: ``triplet_margin`` (which triplets are hard) and
+    ``ot_margin`` (the hinge on ``W(a,p) - W(a,n)``).
 
-    After a forward, :meth:`components` returns the logged parts as floats.
+    The OT term's options (``eps``, ``iters``, ``feature``, ...) are :class:`OTFaceTerm`'s,
+    passed on by keyword; the signature lists them. The step counter is a buffer, so it is saved
+    with the state dict and a resumed run continues the warm-up where it stopped.
+
+    ``triplet_mode="misclassified"`` without ``logits=`` reads the head's ``last_cosine`` (the
+    detached (B, C) cosines that :class:`MarginSoftmaxLoss` and the registered heads record at
+    each forward; PartialFC_V2 does not). After a forward, :meth:`components` returns the logged
+    parts as floats.
     """
 
     def __init__(
         self,
-        margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        head: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         num_classes: Optional[int] = None,
         embedding_size: int = 512,
         margin="arcface",
         s: float = 64.0,
         lambda_ot: float = 0.1,
         warmup_steps: int = 0,
+        *,
+        margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         **term_options,
     ) -> None:
         super().__init__()
+        if margin_loss is not None:
+            if head is not None:
+                raise TypeError("OTFaceLoss got both head= and margin_loss= (its old name); pass head= only")
+            warnings.warn("OTFaceLoss(margin_loss=...) is deprecated; pass the margin head as head=...",
+                          DeprecationWarning, stacklevel=2)
+            head = margin_loss
         _check_finite("lambda_ot", lambda_ot)
         if lambda_ot < 0:
             raise ValueError(f"OTFace option lambda_ot must be >= 0, got {lambda_ot!r}")
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"OTFace option warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if margin_loss is None:
+        if head is None:
             if num_classes is None:
-                raise ValueError("OTFaceLoss needs either margin_loss (e.g. a PartialFC_V2 module) or num_classes")
+                raise ValueError("OTFaceLoss needs either head (a margin head, e.g. PartialFC_V2) or num_classes")
             if isinstance(margin, str) and margin in HEADS:  # a registered head, e.g. adaface
-                margin_loss = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
+                head = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
             else:
-                m1, m2, m3 = _margin_triple(margin)
-                margin_loss = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
-        elif not callable(margin_loss):
-            raise TypeError(f"margin_loss must be callable (embeddings, labels) -> loss, got {type(margin_loss)}")
-        self.margin_loss = margin_loss
+                m1, m2, m3 = margin_triple(margin)
+                head = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
+        elif not callable(head):
+            raise TypeError(f"head must be callable (embeddings, labels) -> loss, got {type(head)}")
+        self.margin_loss = head  # the checkpoint name (state dict keys margin_loss.*); read it as .head
         self.ot_term = OTFaceTerm(**term_options)
         self.lambda_ot = float(lambda_ot)
         self.warmup_steps = warmup_steps
@@ -241,31 +265,37 @@ class OTFaceLoss(torch.nn.Module):
           for n, p in inspect.signature(OTFaceTerm.__init__).parameters.items() if n != "self"),
     ])
 
+    @property
+    def head(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The margin head, ``head(embeddings, labels) -> loss`` (stored as ``margin_loss``)."""
+        return self.margin_loss
+
+    @head.setter
+    def head(self, value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.margin_loss = value
+
     def current_lambda(self) -> torch.Tensor:
         """lambda at the current step, as a 0-d tensor on the step buffer's device (no sync)."""
         if self.warmup_steps == 0:
             return torch.full((), self.lambda_ot, device=self.step.device)
         return self.lambda_ot * (self.step.float() / self.warmup_steps).clamp(max=1.0)
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        features: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, features: Optional[torch.Tensor] = None,
+                logits: Optional[torch.Tensor] = None, indices_tuple: Optional[Triplets] = None) -> torch.Tensor:
+        """``L_margin + lambda * L_OT``; ``features``, ``logits`` and ``indices_tuple`` go to
+        :meth:`OTFaceTerm.forward`."""
         # PartialFC_V2 squeezes its labels in place: it gets a copy, we keep a flat view.
         labels = labels.detach().reshape(-1)
-        margin_part = self.margin_loss(embeddings, labels.clone())
-        if logits is None and self.ot_term.triplet_mode == "misclassified":
-            logits = getattr(self.margin_loss, "last_cosine", None)
+        margin_part = self.head(embeddings, labels.clone())
+        if logits is None and indices_tuple is None and self.ot_term.triplet_mode == "misclassified":
+            logits = getattr(self.head, "last_cosine", None)  # the documented hand-over, see the class docstring
             if logits is None:
                 raise ValueError(
-                    "triplet_mode='misclassified' needs logits: pass logits=... or use a margin loss "
-                    "that records last_cosine"
+                    "triplet_mode='misclassified' needs logits: pass logits=..., indices_tuple=... or use a "
+                    "margin head that records last_cosine"
                 )
         lam = self.current_lambda()
-        ot_part = self.ot_term(embeddings, labels, features, logits)
+        ot_part = self.ot_term(embeddings, labels, features, logits, indices_tuple)
         total = margin_part + lam * ot_part
         if self.training:
             self.step += 1
@@ -274,7 +304,8 @@ class OTFaceLoss(torch.nn.Module):
         return total
 
     def components(self) -> Dict[str, float]:
-        """Last forward's parts as floats: loss, margin, ot, lambda, triplets, w_ap, w_an.
+        """Last forward's parts as floats, keyed by :data:`~otface_plugin.losses.components.COMPONENTS`
+        (loss, margin, ot, lambda, triplets, w_ap, w_an).
 
         Reading them synchronises with the device: call it when logging, not every step.
         """
@@ -290,18 +321,6 @@ def _unit_float(x: torch.Tensor) -> torch.Tensor:
     """L2-normalised over the last dim, at least float32 even under autocast (fp16 maps overflow)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
-
-
-def _margin_triple(margin):
-    if isinstance(margin, str):
-        if margin not in MARGIN_PRESETS:
-            raise ValueError(f"unknown margin {margin!r}; use one of {sorted(MARGIN_PRESETS)} or (m1, m2, m3)")
-        return MARGIN_PRESETS[margin]
-    try:
-        m1, m2, m3 = (float(m) for m in margin)
-    except (TypeError, ValueError):
-        raise ValueError(f"margin must be a preset name or (m1, m2, m3), got {margin!r}") from None
-    return m1, m2, m3
 
 
 def _check_choice(name, value, choices):
