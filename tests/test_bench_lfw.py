@@ -119,17 +119,17 @@ def test_lfw_toy_study_end_to_end(lfw, tmp_path, capsys):
 
 
 def test_cli_detects_lfw_and_keeps_the_identity_split_report(tmp_path):
-    from otface_plugin.bench.cli import _parser, config_from_args
+    from otface_plugin.bench.cli import build_parser, config_from_args
 
     data = _mini_lfw(tmp_path / "lfw")
-    cfg = config_from_args(_parser().parse_args([str(data)]))
+    cfg = config_from_args(build_parser().parse_args([str(data)]))
     assert cfg.protocol == "lfw" and cfg.out == "results/lfw" and len(cfg.seeds) == 3 and not cfg.ablation
-    toy = config_from_args(_parser().parse_args([str(data), "--toy", "--lfw-train-sets", "2"]))
+    toy = config_from_args(build_parser().parse_args([str(data), "--toy", "--lfw-train-sets", "2"]))
     assert toy.out == "results/lfw_toy" and toy.toy and toy.lfw_train_sets == "2"
-    forced = config_from_args(_parser().parse_args([str(data / "images"), "--protocol", "split"]))
+    forced = config_from_args(build_parser().parse_args([str(data / "images"), "--protocol", "split"]))
     assert forced.protocol == "split" and forced.out == "results"
     with pytest.raises(SystemExit, match="do not apply to --protocol lfw"):
-        config_from_args(_parser().parse_args([str(data), "--pairs", "100"]))
+        config_from_args(build_parser().parse_args([str(data), "--pairs", "100"]))
 
 
 def test_report_per_third_table_and_idle_note():

@@ -9,7 +9,7 @@ import pytest
 from conftest import NO_UPSTREAM, UPSTREAM
 
 from otface_plugin.bench import recipe
-from otface_plugin.bench.cli import _parser, config_from_args
+from otface_plugin.bench.cli import build_parser, config_from_args
 from otface_plugin.bench.study import StudyConfig, run_key
 from otface_plugin.bench.spec import RunSpec, TrainConfig
 
@@ -18,13 +18,13 @@ from otface_plugin.bench.spec import RunSpec, TrainConfig
 def test_auto_route_is_plugin_without_arcface_torch_dir(monkeypatch):
     monkeypatch.delenv("ARCFACE_TORCH_DIR", raising=False)
     assert recipe.resolve_route("auto") == "plugin"
-    assert config_from_args(_parser().parse_args(["/x"])).route == "plugin"
-    assert config_from_args(_parser().parse_args(["/x", "--route", "recipe"])).route == "recipe"
+    assert config_from_args(build_parser().parse_args(["/x"])).route == "plugin"
+    assert config_from_args(build_parser().parse_args(["/x", "--route", "recipe"])).route == "recipe"
     monkeypatch.setenv("ARCFACE_TORCH_DIR", "/somewhere")
-    assert config_from_args(_parser().parse_args(["/x"])).route == "recipe"
-    assert config_from_args(_parser().parse_args(["/x", "--route", "plugin"])).route == "plugin"
+    assert config_from_args(build_parser().parse_args(["/x"])).route == "recipe"
+    assert config_from_args(build_parser().parse_args(["/x", "--route", "plugin"])).route == "plugin"
     with pytest.raises(SystemExit):
-        _parser().parse_args(["/x", "--route", "bogus"])
+        build_parser().parse_args(["/x", "--route", "bogus"])
 
 
 def test_run_key_depends_on_route_and_keeps_plugin_keys():

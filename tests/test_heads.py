@@ -426,17 +426,17 @@ def test_standalone_otface_loss_takes_a_head_as_its_margin():
 
 
 def test_bench_study_accepts_the_heads():
-    from otface_plugin.bench.cli import _parser, config_from_args
+    from otface_plugin.bench.cli import build_parser, config_from_args
     from otface_plugin.bench.spec import RunSpec, TrainConfig
     from otface_plugin.bench.train import build_run_loss
 
-    cfg = config_from_args(_parser().parse_args(["data", "--toy", "--route", "plugin",
+    cfg = config_from_args(build_parser().parse_args(["data", "--toy", "--route", "plugin",
                                                  "--losses", "arcface,adaface,otface"]))
     assert cfg.losses == ("arcface", "adaface", "otface")
     loss = build_run_loss(RunSpec("curricularface", 0), TrainConfig(), num_classes=C)
     assert isinstance(loss.margin, HEADS["curricularface"]) and loss.margin.s == TrainConfig().scale
     with pytest.raises(SystemExit, match="unknown loss"):
-        config_from_args(_parser().parse_args(["data", "--toy", "--losses", "arcface,adafce"]))
+        config_from_args(build_parser().parse_args(["data", "--toy", "--losses", "arcface,adafce"]))
 
 
 def test_docs_table_is_the_generated_one():

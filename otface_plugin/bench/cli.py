@@ -34,7 +34,7 @@ from otface_plugin.bench.spec import LOSS_CHOICES, LOSSES
 from otface_plugin.data.errors import DatasetLayoutError
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otface-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n\n")[1:]))
@@ -146,7 +146,7 @@ def write_outputs(results, scores, issame, out: Path, command: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if not Path(cfg.dataset).is_dir():
         print(f"otface-bench: dataset {cfg.dataset} not found (pass it as an argument or set "

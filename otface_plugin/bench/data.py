@@ -79,7 +79,7 @@ class _LastLine(io.TextIOBase):
         return self.target.isatty()
 
 
-def _cli(args: List[str]) -> None:
+def run_data_cli(args: List[str]) -> None:
     # The documented CLI is the stable interface of the data tools; call it in-process. Its own
     # one-line error becomes the study's (BenchError), not a traceback.
     from otface_plugin.data.cli import main as data_cli
@@ -150,15 +150,15 @@ def prepare(dataset: Path, work: Path, test_identities: int, pairs: int, seed: i
             write_identity_list(tr, train)
             write_identity_list(ho, hold)
         else:  # the CLI takes a fraction: this one yields exactly test_identities of len(names)
-            _cli(["split", str(dataset), "--holdout-fraction", repr(test_identities / len(names)),
+            run_data_cli(["split", str(dataset), "--holdout-fraction", repr(test_identities / len(names)),
                   "--seed", str(seed), "--train-list", str(tr), "--holdout-list", str(ho)])
         folds, pairs, notes = choose_folds_and_pairs(dataset, read_identity_list(ho), pairs, seed)
         flags = ["--resize", str(image_size), "--workers", str(workers), "--force"]
         if not progress:
             flags.append("--no-progress")
         (work / "rec").mkdir(exist_ok=True)
-        _cli(["build-rec", str(dataset), str(work / "rec") + "/", "--identities-from", str(tr), *flags])
-        _cli(["build-bin", str(dataset), str(work / "test.bin"), "--pairs", str(pairs), "--folds",
+        run_data_cli(["build-rec", str(dataset), str(work / "rec") + "/", "--identities-from", str(tr), *flags])
+        run_data_cli(["build-bin", str(dataset), str(work / "test.bin"), "--pairs", str(pairs), "--folds",
               str(folds), "--seed", str(seed), "--identities-from", str(ho), *flags])
         done.write_text(stamp)
     else:

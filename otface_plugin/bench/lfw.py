@@ -17,7 +17,7 @@ from typing import List
 
 import numpy as np
 
-from otface_plugin.bench.data import BenchError, Prepared, _cli, describe_dataset
+from otface_plugin.bench.data import BenchError, Prepared, run_data_cli, describe_dataset
 from otface_plugin.data.folders import write_identity_list
 from otface_plugin.data.lfw_protocol import parse_folds, read_pairs_file, read_people_file
 
@@ -85,8 +85,8 @@ def prepare_lfw(dataset: Path, work: Path, train_sets: str = "1-5", max_test_fol
         write_identity_list(tr, train)
         flags = ["--workers", str(workers), "--force"] + ([] if progress else ["--no-progress"])
         (work / "rec").mkdir(exist_ok=True)
-        _cli(["build-rec", str(images), str(work / "rec") + "/", "--identities-from", str(tr), *flags])
-        _cli(["build-bin", str(images), str(work / "test.bin"), "--pairs-file", str(dataset / "pairs.txt"),
+        run_data_cli(["build-rec", str(images), str(work / "rec") + "/", "--identities-from", str(tr), *flags])
+        run_data_cli(["build-bin", str(images), str(work / "test.bin"), "--pairs-file", str(dataset / "pairs.txt"),
               "--folds", format_folds(test_k), *flags])
         done.write_text(stamp)
     description = (f"LFW protocol: train on the people of people.txt sets {format_folds(train_k)} with at least "
