@@ -109,7 +109,7 @@ def test_toy_study_through_the_recipe(ready, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in UPSTREAM.iterdir()) == before  # the checkout is untouched
 
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"meta", "summary", "paired", "ablation", "ot_activity", "runs"}
+    assert set(res) == {"meta", "summary", "paired", "ablation", "sampler_comparison", "ot_activity", "runs"}
     meta = res["meta"]
     assert meta["route"].startswith("recipe") and meta["network"] == "mbf"
     assert meta["runs_trained_this_invocation"] == 2
