@@ -5,7 +5,9 @@
     otface-bench --toy --out /tmp/toy  # pipeline check in under a minute
     otface-bench ../shared/data/lfw    # LFW protocol study (pairs.txt found): train on people.txt
                                        # sets 1-5, test on pairs.txt folds 6-10, 3 losses x 3 seeds,
-                                       # projected ~77 min on 2 idle cores -> results/lfw/
+                                       # 79 min on the 2-core dev machine -> results/lfw/
+    otface-bench ../shared/data/lfw --compare-sampler otface   # + OTFace with the hard sampler
+                                       # (3 more runs, paired by seed): the committed results/lfw/
     otface-bench ../shared/data/lfw --toy   # the same in about a minute (results/lfw_toy/, labelled toy)
     otface-bench --no-ablation --seeds 3
     otface-bench --route plugin        # the committed report's route, whatever ARCFACE_TORCH_DIR says

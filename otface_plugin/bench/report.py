@@ -85,10 +85,13 @@ def ot_activity_lines(res: Dict[str, Any]) -> List[str]:
     thirds = [sum(a["active_share_by_third"][i] for a in default.values()) / len(default) for i in range(3)]
     lines = [f"**When the OT term acted.** With the default `triplet_mode=hard`, {100 * share:.0f}% of the logged "
              f"OTFace steps had any hard triplet (mean over seeds; first / middle / last third of the {steps} steps: "
-             f"{' / '.join(f'{100 * t:.0f}%' for t in thirds)}). In the other steps every anchor's hardest positive "
-             "beats its hardest negative by the triplet margin in the training batch, the OT term is exactly 0 "
-             "and the update is plain ArcFace's: OTFace differs from ArcFace only "
-             "in the steps with hard triplets; see the hard-triplet panel of the training plot.",
+             f"{' / '.join(f'{100 * t:.0f}%' for t in thirds)}). "
+             + ("In the other steps every anchor's hardest positive "
+                "beats its hardest negative by the triplet margin in the training batch, the OT term is exactly 0 "
+                "and the update is plain ArcFace's: OTFace differs from ArcFace only "
+                "in the steps with hard triplets; see the hard-triplet panel of the training plot." if share < 1 else
+                "The OT term acted in every logged step, all through training; the table says how many of the "
+                f"{meta_batch(res)} anchors per step were hard and how large L_OT stayed."),
              "", *ot_thirds_table(default)]
     if thirds[2] == 0:
         lines += ["", "**The OT term went idle:** no logged step of the last third had a hard triplet, so OTFace "
@@ -99,6 +102,11 @@ def ot_activity_lines(res: Dict[str, Any]) -> List[str]:
         lines += ["", "Per ablation run: " + ", ".join(
             f"`{res['runs'][n]['variant']}` {100 * a['active_share']:.0f}%" for n, a in abl.items()) + " of logged steps with triplets."]
     return lines + [""]
+
+
+def meta_batch(res: Dict[str, Any]) -> int:
+    tc = res["meta"]["train"]
+    return tc["P"] * tc["K"]
 
 
 def ot_thirds_table(act: Dict[str, Dict[str, Any]]) -> List[str]:
