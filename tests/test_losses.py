@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from otface_plugin.features import FeatureCapture
 from otface_plugin.losses import OTFaceLoss, OTFaceTerm, margin_logits
+from otface_plugin.losses.components import COMPONENTS
 from helpers import TinyBackbone
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "sphereface-like": (1.35, 0.0, 0.0),
@@ -113,7 +114,7 @@ def test_otface_loss_finite_and_gradients_reach_conv_features():
     loss = loss_fn(emb, labels, features=conv)
     loss.backward()
     c = loss_fn.components()
-    assert set(c) == {"loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an"}
+    assert set(c) == set(COMPONENTS)
     assert math.isfinite(c["loss"]) and c["triplets"] == 16 and c["ot"] > 0
     assert c["loss"] == pytest.approx(c["margin"] + c["lambda"] * c["ot"], rel=1e-6)
     assert torch.isfinite(conv.grad).all() and conv.grad.abs().sum() > 0
@@ -301,14 +302,18 @@ def test_components_log_line_round_trip():
 
     loss_fn = OTFaceLoss(num_classes=4, embedding_size=8, feature="embedding", triplet_mode="all")
     torch.manual_seed(0)
-    loss_fn(torch.randn(8, 8), torch.arange(4).repeat(2))
+    emb = torch.randn(8, 8, requires_grad=True)
+    loss_fn(emb, torch.arange(4).repeat(2)).backward()
     c = loss_fn.components()
     assert tuple(c) == COMPONENTS and PARTS == COMPONENTS[1:]
+    assert c["grad_share"] > 0 and math.isfinite(c["grad_cos"])
     line = format_components(120, c)
-    # the line train_v2.py has always written (tests/test_integration_train.py reads it too)
+    # the line train_v2.py has always written, with the gradient share at the end (tests/test_integration_train.py
+    # reads it too)
     assert line == ("OTFace   Global Step: 120   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   HardTriplets %d   "
-                    "W(a,p) %.4f   W(a,n) %.4f" % (c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]),
-                                                   c["w_ap"], c["w_an"]))
+                    "W(a,p) %.4f   W(a,n) %.4f   GradShare %.4f   GradCos %.4f"
+                    % (c["loss"], c["margin"], c["ot"], c["lambda"], int(c["triplets"]), c["w_ap"], c["w_an"],
+                       c["grad_share"], c["grad_cos"]))
     nan_line = format_components(7, {**c, "ot": float("nan"), "w_an": float("-inf")})
     rows = parse_components(f"2026-01-01 INFO: {line}\nTraining: other\n{nan_line.replace('   ', ' ')}\n")
     assert set(rows) == {120, 7} and set(rows[120]) == set(COMPONENTS)

@@ -13,7 +13,7 @@ from typing import Dict, Mapping
 __all__ = ["COMPONENTS", "PARTS", "LOG_PREFIX", "format_components", "parse_components"]
 
 # what OTFaceLoss.components() returns, in this order
-COMPONENTS = ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an")
+COMPONENTS = ("loss", "margin", "ot", "lambda", "triplets", "w_ap", "w_an", "grad_share", "grad_cos")
 # the parts beside the total loss (the recipe's own "Training:" line logs the loss too)
 PARTS = COMPONENTS[1:]
 
@@ -30,6 +30,9 @@ _FIELDS = (
     ("HardTriplets", "triplets", *_INT),
     ("W(a,p)", "w_ap", *_FLOAT),
     ("W(a,n)", "w_an", *_FLOAT),
+    # ||d(lambda L_OT)/dF|| / ||d L_margin/dF|| at the features F the OT term reads, and the cosine
+    ("GradShare", "grad_share", *_FLOAT),
+    ("GradCos", "grad_cos", *_FLOAT),
 )
 _SEP = "   "
 LOG_FORMAT = _SEP.join([LOG_PREFIX, *(f"{label} {fmt}" for label, _, fmt, _ in _FIELDS)])

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.nn import functional as F
 
+from otface_plugin.losses.grad_share import GradShareProbe, adapt_lambda, share_and_cosine
 from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MarginSoftmaxLoss, margin_triple
 from otface_plugin.mining import (TRIPLET_MODES, Triplets, check_triplets, hardest_pairs, mine_triplets,
@@ -32,6 +33,8 @@ OT_FORMS = ("hinge", "softplus")
 OT_COMPILE = {"none": "eager", "compile": "compile", "cudagraph": "cudagraph"}
 COSINE_COST_SPAN = 2.0  # cosine costs of unit vectors lie in [0, 2]
 MIN_EPS = 1e-4
+AUTO_LAMBDA = "auto"
+AUTO_LAMBDA_START = 1.0  # where lambda_ot="auto" starts (then clamped into lambda_range)
 
 
 class OTFaceTerm(torch.nn.Module):
@@ -210,6 +213,14 @@ class OTFaceLoss(torch.nn.Module):
     passed on by keyword; the signature lists them. The step counter is a buffer, so it is saved
     with the state dict and a resumed run continues the warm-up where it stopped.
 
+    Every training step measures the OT term's share of the gradient at the features it reads,
+    ``||d(lambda L_OT)/dF|| / ||d L_margin/dF||``, and the cosine of the two
+    (:mod:`~otface_plugin.losses.grad_share`; ``components()`` after the backward).
+    ``lambda_ot="auto"``: lambda follows the target share ``grad_share`` instead of a fixed value,
+    starting at 1 and moving ``lambda_rate`` of the way (in log space) each step, within
+    ``lambda_range``; the same on every rank (the statistics are all-reduced) and saved in the
+    state dict, so a resumed run continues exactly. The warm-up still scales it.
+
     ``triplet_mode="misclassified"`` without ``logits=`` reads the head's ``last_cosine`` (the
     detached (B, C) cosines that :class:`MarginSoftmaxLoss` and the registered heads record at
     each forward; PartialFC_V2 does not). After a forward, :meth:`components` returns the logged
@@ -223,8 +234,11 @@ class OTFaceLoss(torch.nn.Module):
         embedding_size: int = 512,
         margin="arcface",
         s: float = 64.0,
-        lambda_ot: float = 0.1,
+        lambda_ot: float | str = 0.1,
         warmup_steps: int = 0,
+        grad_share: float = 0.3,
+        lambda_range: tuple = (0.01, 100.0),
+        lambda_rate: float = 0.05,
         *,
         margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         **term_options,
@@ -236,9 +250,18 @@ class OTFaceLoss(torch.nn.Module):
             warnings.warn("OTFaceLoss(margin_loss=...) is deprecated; pass the margin head as head=...",
                           DeprecationWarning, stacklevel=2)
             head = margin_loss
-        _check_finite("lambda_ot", lambda_ot)
-        if lambda_ot < 0:
-            raise ValueError(f"OTFace option lambda_ot must be >= 0, got {lambda_ot!r}")
+        self.adaptive = lambda_ot == AUTO_LAMBDA
+        if not self.adaptive:
+            if isinstance(lambda_ot, str):
+                raise ValueError(f"OTFace option lambda_ot must be a number >= 0 or {AUTO_LAMBDA!r}, got {lambda_ot!r}")
+            _check_finite("lambda_ot", lambda_ot)
+            if lambda_ot < 0:
+                raise ValueError(f"OTFace option lambda_ot must be >= 0, got {lambda_ot!r}")
+        _check_positive("grad_share", grad_share)
+        _check_positive("lambda_rate", lambda_rate)
+        if lambda_rate > 1:
+            raise ValueError(f"OTFace option lambda_rate must be in (0, 1], got {lambda_rate!r}")
+        lambda_range = _check_range("lambda_range", lambda_range)
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"OTFace option warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if head is None:
@@ -253,9 +276,20 @@ class OTFaceLoss(torch.nn.Module):
             raise TypeError(f"head must be callable (embeddings, labels) -> loss, got {type(head)}")
         self.margin_loss = head  # the checkpoint name (state dict keys margin_loss.*); read it as .head
         self.ot_term = OTFaceTerm(**term_options)
-        self.lambda_ot = float(lambda_ot)
         self.warmup_steps = warmup_steps
+        self.grad_share, self.lambda_range, self.lambda_rate = float(grad_share), lambda_range, float(lambda_rate)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # the gradient statistics of the last step (grad_share.STATS); with a fixed lambda only a
+        # diagnostic (not in the state dict, so checkpoints keep their keys), with "auto" the input of
+        # the next update (saved, so a resumed run makes the update the uninterrupted one would)
+        self.register_buffer("grad_stats", torch.zeros(4), persistent=self.adaptive)
+        if self.adaptive:
+            self.lambda_ot = AUTO_LAMBDA
+            start = min(max(AUTO_LAMBDA_START, lambda_range[0]), lambda_range[1])
+            self.register_buffer("lambda_auto", torch.tensor(start))
+        else:
+            self.lambda_ot = float(lambda_ot)
+        self._probe = GradShareProbe(self.grad_stats)
         self._last: Dict[str, torch.Tensor | float] = {}
 
     # the OT term's options (eps, iters, feature, ...) are declared once, by OTFaceTerm
@@ -274,11 +308,17 @@ class OTFaceLoss(torch.nn.Module):
     def head(self, value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.margin_loss = value
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._probe.stats = self.grad_stats  # .to(device) replaced the buffer
+        return out
+
     def current_lambda(self) -> torch.Tensor:
         """lambda at the current step, as a 0-d tensor on the step buffer's device (no sync)."""
+        base = self.lambda_auto if self.adaptive else torch.full((), self.lambda_ot, device=self.step.device)
         if self.warmup_steps == 0:
-            return torch.full((), self.lambda_ot, device=self.step.device)
-        return self.lambda_ot * (self.step.float() / self.warmup_steps).clamp(max=1.0)
+            return base.clone()
+        return base * (self.step.float() / self.warmup_steps).clamp(max=1.0)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, features: Optional[torch.Tensor] = None,
                 logits: Optional[torch.Tensor] = None, indices_tuple: Optional[Triplets] = None) -> torch.Tensor:
@@ -294,7 +334,15 @@ class OTFaceLoss(torch.nn.Module):
                     "triplet_mode='misclassified' needs logits: pass logits=..., indices_tuple=... or use a "
                     "margin head that records last_cosine"
                 )
+        if self.training and self.adaptive:
+            with torch.no_grad():  # from the statistics of the previous step's backward
+                adapt_lambda(self.lambda_auto, self.grad_stats, self.grad_share, self.lambda_rate, self.lambda_range)
         lam = self.current_lambda()
+        if self.training:
+            if self.ot_term.feature == "conv" and features is not None:
+                features = self._probe.attach(features, lam)
+            elif self.ot_term.feature == "embedding":
+                embeddings = self._probe.attach(embeddings, lam)
         ot_part = self.ot_term(embeddings, labels, features, logits, indices_tuple)
         total = margin_part + lam * ot_part
         if self.training:
@@ -305,11 +353,13 @@ class OTFaceLoss(torch.nn.Module):
 
     def components(self) -> Dict[str, float]:
         """Last forward's parts as floats, keyed by :data:`~otface_plugin.losses.components.COMPONENTS`
-        (loss, margin, ot, lambda, triplets, w_ap, w_an).
+        (loss, margin, ot, lambda, triplets, w_ap, w_an, and from the backward after it grad_share,
+        grad_cos: NaN share before that backward).
 
         Reading them synchronises with the device: call it when logging, not every step.
         """
-        return {k: float(v) for k, v in self._last.items()}
+        share, cos = share_and_cosine(self.grad_stats)
+        return {**{k: float(v) for k, v in self._last.items()}, "grad_share": float(share), "grad_cos": float(cos)}
 
 
 def _descriptor_sets(features: torch.Tensor) -> torch.Tensor:
@@ -331,6 +381,17 @@ def _check_choice(name, value, choices):
 def _check_finite(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"OTFace option {name} must be a finite number, got {value!r}")
+
+
+def _check_range(name, value):
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"OTFace option {name} must be a pair (low, high), got {value!r}")
+    for v in value:
+        _check_positive(name, v)
+    low, high = float(value[0]), float(value[1])
+    if low > high:
+        raise ValueError(f"OTFace option {name} must have low <= high, got {value!r}")
+    return low, high
 
 
 def _check_positive(name, value):
