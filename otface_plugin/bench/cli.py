@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(LOSS_CHOICES) + " (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-ablation", action="store_true", help="skip the OTFace ablation")
-    g.add_argument("--ablation", help="comma-separated ablation variants (default: all of "
+    g.add_argument("--ablation", help="comma-separated ablation variants, NAME or NAME@N (at the first N "
+                   "seeds; default: --ablation-seeds) (default: all of "
                    + ", ".join(ABLATION_GRID) + ")")
+    p.add_argument("--ablation-seeds", type=int, default=1, metavar="N", help="run the ablation variants at "
+                   "the first N seeds, paired by seed with the default OTFace and ArcFace (default %(default)s)")
     p.add_argument("--test-identities", type=int, help="held-out identities (default 20: 10 folds of 2)")
     p.add_argument("--pairs", type=int, help="held-out pairs in the .bin (default 6000, or what the "
                    "held-out identities can give)")
@@ -118,16 +121,35 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     if args.no_ablation:
         cfg = replace(cfg, ablation=False)
     elif args.ablation:
-        variants = tuple(v.strip() for v in args.ablation.split(",") if v.strip())
-        bad = sorted(set(variants) - set(ABLATION_GRID))
-        if bad:
-            raise SystemExit(f"otface-bench: unknown ablation variant {bad}; choose from {list(ABLATION_GRID)}")
-        cfg = replace(cfg, ablation=True, ablation_variants=variants)
+        variants, counts = parse_variants(args.ablation, len(cfg.seeds))
+        cfg = replace(cfg, ablation=True, ablation_variants=variants, ablation_seed_counts=counts)
+    if args.ablation_seeds < 1 or args.ablation_seeds > len(cfg.seeds):
+        raise SystemExit(f"otface-bench: --ablation-seeds must be in 1..{len(cfg.seeds)} (the study's seeds), "
+                         f"got {args.ablation_seeds}")
+    cfg = replace(cfg, ablation_seeds=args.ablation_seeds)
     if args.test_identities:
         cfg = replace(cfg, test_identities=args.test_identities)
     if args.pairs:
         cfg = replace(cfg, pairs=args.pairs)
     return cfg
+
+
+def parse_variants(text: str, seeds: int):
+    """``--ablation`` entries: ``NAME`` or ``NAME@N`` (that variant at the first N seeds)."""
+    variants, counts = [], []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, _, n = item.partition("@")
+        if name not in ABLATION_GRID:
+            raise SystemExit(f"otface-bench: unknown ablation variant {name!r}; choose from {list(ABLATION_GRID)}")
+        if n:
+            if not n.isdigit() or not 1 <= int(n) <= seeds:
+                raise SystemExit(f"otface-bench: ablation variant {item!r}: the seed count after @ must be in "
+                                 f"1..{seeds}")
+            counts.append((name, int(n)))
+        variants.append(name)
+    return tuple(variants), tuple(counts)
 
 
 def write_outputs(results, scores, issame, out: Path, command: str) -> None:

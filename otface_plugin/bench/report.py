@@ -118,7 +118,12 @@ def ot_thirds_table(act: Dict[str, Dict[str, Any]]) -> List[str]:
     cols = [("steps with hard triplets", "active_share_by_third", lambda v: f"{100 * v:.0f}%"),
             ("hard triplets per step", "mean_triplets_by_third", lambda v: f"{v:.2f}"),
             ("mean OT term L_OT", "mean_ot_by_third", lambda v: f"{v:.4f}")]
-    lines = ["| third of training | " + " | ".join(c[0] for c in cols) + " |", "|---|---|---|---|"]
+    # logged since the gradient-share diagnostic (issue 20); older runs leave them out
+    optional = [("lambda", "mean_lambda_by_third", lambda v: f"{v:.3g}"),
+                ("OT share of the gradient at F", "mean_grad_share_by_third", lambda v: f"{100 * v:.1f}%"),
+                ("cosine(OT, margin) at F", "mean_grad_cos_by_third", lambda v: f"{v:+.2f}")]
+    cols += [c for c in optional if all(None not in (a.get(c[1]) or [None]) for a in act.values())]
+    lines = ["| third of training | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for i, name in enumerate(("first", "middle", "last")):
         cells = [fmt(sum(a[key][i] for a in act.values()) / n) for _, key, fmt in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -183,10 +188,42 @@ def sampler_section(res: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
+def paired_variants_section(res: Dict[str, Any]) -> List[str]:
+    """Ablation variants run at several seeds: each paired by seed with ArcFace and with the
+    default OTFace, and how each one's OT term acted per third of training."""
+    abl = res["ablation"]
+    seeds = res["meta"]["seeds"][:res["meta"]["ablation_seeds"]]
+    lines = [f"Seeds {', '.join(map(str, seeds))}: each variant changes one OTFace option against the defaults "
+             "(`lambda_ot=0.1, eps=0.05, feature=conv, triplet_mode=hard`), on the same data, steps, initial "
+             "weights and batches as the main runs of that seed; differences are paired by seed.", "",
+             "| variant | options | accuracy % | TAR@FAR=1e-3 % | − ArcFace, accuracy (points) | reading | "
+             "− default OTFace, accuracy (points) | reading |", "|---|---|---|---|---|---|---|---|"]
+    for v, a in abl.items():
+        opts = ", ".join(f"{k}={val}" for k, val in a["options"].items())
+        cells = []
+        for key, base in (("paired_vs_arcface", "ArcFace"), ("paired_vs_default", "default OTFace")):
+            d = (a.get(key) or {}).get("accuracy")
+            if d is None or (v == "default" and key == "paired_vs_default"):
+                cells += ["–", "–"]
+            else:
+                cells += [f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['wins']}/{d['n']} better)", verdict(d, base)]
+        s = a["summary"]
+        lines.append(f"| {v} | {opts} | {pm(s['accuracy'])} | {pm(s['tar@far=0.001'])} | " + " | ".join(cells) + " |")
+    act = res.get("ot_activity") or {}
+    for v, a in abl.items():
+        runs = {n: act[n] for n in a["runs"] if n in act}
+        if runs:
+            lines += ["", f"`{v}`: the OT term per third of training (mean over its {len(runs)} runs):", "",
+                      *ot_thirds_table(runs)]
+    return lines + [""]
+
+
 def ablation_section(res: Dict[str, Any]) -> List[str]:
     abl = res.get("ablation") or {}
     if not abl:
         return ["The ablation was not run (`--no-ablation`)."]
+    if res["meta"].get("ablation_seeds", 1) > 1:
+        return paired_variants_section(res)
     runs = res["runs"]
     base = runs[abl["default"]["run"]]
     noise = res["summary"].get("otface", {}).get("accuracy", {"std": 0.0, "n": 1})
@@ -375,8 +412,11 @@ def limits_lines(meta: Dict[str, Any]) -> List[str]:
         f"{split['folds']} folds, so fold accuracies vary; TAR@FAR=1e-3 rests on a handful of "
         f"negative pairs ({split['pairs'] // 2} negatives: 1e-3 allows {split['pairs'] // 2 // 1000} false accepts).",
         "- **Seeds.** Differences are read against the seed-to-seed spread (paired by seed, since all "
-        "losses of a seed share initial weights and batches). The ablation uses one seed per variant, so "
-        "only differences well beyond that spread would mean anything.",
+        "losses of a seed share initial weights and batches). "
+        + ("The ablation uses one seed per variant, so only differences well beyond that spread would mean anything."
+           if meta.get("ablation_seeds", 1) == 1 else
+           f"Ablation variants run at up to {meta['ablation_seeds']} seeds, paired like the main runs; "
+           "a variant run at one seed only has no spread of its own."),
         ("- **Route.** The recipe's `train_v2.py` (patched copy, one process, CPU/gloo): upstream "
          "backbone, dataloader, PolyScheduler and margin softmax (s = 64); timings include its data "
          "loading." if is_recipe(meta) else

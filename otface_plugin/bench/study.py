@@ -7,6 +7,7 @@ interrupted study resumes where it stopped and a changed setting reruns only wha
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -23,12 +24,21 @@ from otface_plugin.bench.data import SAMPLERS, Prepared, load_prepared, prepare
 from otface_plugin.bench.route import make_route
 from otface_plugin.bench.spec import LOSSES, OTFACE_DEFAULTS, RunSpec, TrainConfig
 from otface_plugin.bench.store import load_run
+from otface_plugin.losses.otface import OTFaceLoss
 
+AUTO_SHARE = inspect.signature(OTFaceLoss.__init__).parameters["grad_share"].default
 # One change at a time against the defaults (lambda 0.1, eps 0.05, conv, hard).
 ABLATION_GRID: Dict[str, Dict[str, Any]] = {
     "lambda=0.03": {"lambda_ot": 0.03},
     "lambda=0.3": {"lambda_ot": 0.3},
     "lambda=1.0": {"lambda_ot": 1.0},
+    "lambda=3.0": {"lambda_ot": 3.0},
+    # lambda adapted to the target share of the gradient at the features (issue 20); the target
+    # is named in the options, so the run key changes with it
+    "lambda=auto": {"lambda_ot": "auto", "grad_share": AUTO_SHARE},
+    "share=0.1": {"lambda_ot": "auto", "grad_share": 0.1},
+    "share=0.3": {"lambda_ot": "auto", "grad_share": 0.3},
+    "share=1.0": {"lambda_ot": "auto", "grad_share": 1.0},
     "eps=0.02": {"eps": 0.02},
     "eps=0.2": {"eps": 0.2},
     "feature=embedding": {"feature": "embedding"},
@@ -60,6 +70,8 @@ class StudyConfig:
     losses: Tuple[str, ...] = LOSSES
     ablation: bool = True
     ablation_variants: Tuple[str, ...] = tuple(ABLATION_GRID)
+    ablation_seeds: int = 1  # the ablation variants run at the first N seeds (paired with the main runs)
+    ablation_seed_counts: Tuple[Tuple[str, int], ...] = ()  # (variant, N) where a variant runs at other N
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: int = 2
     jobs: int = 2  # runs trained in parallel, one process each
@@ -112,13 +124,20 @@ def lfw_config(dataset: str, out: str, toy: bool = False) -> StudyConfig:
 
 
 def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
-    """Every loss x seed, the OTFace ablation variants at the first seed, then the sampler
-    comparison's runs (the ``compare_sampler`` losses x seeds with the other sampler)."""
+    """Every loss x seed, the OTFace ablation variants at the first ``ablation_seeds`` seeds, then
+    the sampler comparison's runs (the ``compare_sampler`` losses x seeds with the other sampler)."""
     runs = [RunSpec(loss, seed, sampler=cfg.sampler) for seed in cfg.seeds for loss in cfg.losses]
     if cfg.ablation and "otface" in cfg.losses:
-        runs += [RunSpec("otface", cfg.seeds[0], v, ABLATION_GRID[v], cfg.sampler) for v in cfg.ablation_variants]
+        runs += [RunSpec("otface", seed, v, ABLATION_GRID[v], cfg.sampler)
+                 for v in cfg.ablation_variants for seed in ablation_seed_list(cfg, v)]
     runs += [RunSpec(loss, seed, sampler=cfg.other_sampler) for seed in cfg.seeds for loss in cfg.compare_sampler]
     return runs
+
+
+def ablation_seed_list(cfg: StudyConfig, variant: Optional[str] = None) -> List[int]:
+    """The seeds an ablation variant runs at (``variant`` None: the study's ablation seeds)."""
+    n = dict(cfg.ablation_seed_counts).get(variant, cfg.ablation_seeds)
+    return list(cfg.seeds[:max(1, n)])
 
 
 def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
@@ -264,10 +283,21 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
     ot_activity = {name: ot_term_activity(r["history"]) for name, r in runs.items() if r["loss"] == "otface"}
     ablation = {}
     if cfg.ablation and "otface" in cfg.losses:
-        ablation["default"] = {"options": dict(OTFACE_DEFAULTS), "run": main_run("otface", seeds[0])}
+        abl_seeds = ablation_seed_list(cfg)
+        default_runs = [main_run("otface", s) for s in abl_seeds]
+        ablation["default"] = {"options": dict(OTFACE_DEFAULTS), "run": default_runs[0], "runs": default_runs,
+                               "seeds": abl_seeds}
         for v in cfg.ablation_variants:
-            ablation[v] = {"options": ABLATION_GRID[v],
-                           "run": RunSpec("otface", seeds[0], v, ABLATION_GRID[v], cfg.sampler).name}
+            vs = ablation_seed_list(cfg, v)
+            names = [RunSpec("otface", s, v, ABLATION_GRID[v], cfg.sampler).name for s in vs]
+            ablation[v] = {"options": ABLATION_GRID[v], "run": names[0], "runs": names, "seeds": vs}
+        if len(abl_seeds) > 1:  # paired by seed against the default OTFace and against ArcFace
+            for v, a in ablation.items():
+                a["summary"] = {m: M.mean_std([runs[n][m] for n in a["runs"]]) for m in metric_names
+                                if all(m in runs[n] for n in a["runs"])}
+                a["paired_vs_default"] = paired_by_seed(a["runs"], [main_run("otface", s) for s in a["seeds"]])
+                if "arcface" in cfg.losses:
+                    a["paired_vs_arcface"] = paired_by_seed(a["runs"], [main_run("arcface", s) for s in a["seeds"]])
     meta = {
         "dataset": str(Path(cfg.dataset).resolve()), "toy": cfg.toy,
         "route": ROUTE_LINES[cfg.route].format(network=cfg.network, sampler=cfg.sampler,
@@ -278,7 +308,7 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
                   "notes": prep.notes, "description": prep.description, "protocol": cfg.protocol},
         "dataset_info": prep.dataset_info,
         "train": asdict(cfg.train), "sampler": cfg.sampler, "compare_sampler": list(cfg.compare_sampler),
-        "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds,
+        "otface_defaults": OTFACE_DEFAULTS, "seeds": seeds, "ablation_seeds": len(ablation_seed_list(cfg)),
         "losses": list(cfg.losses), "hard_fraction": HARD_FRACTION, "fars": list(FARS),
         "network": cfg.network if cfg.route == "recipe" else None,
         "torch": torch.__version__, "jobs": cfg.jobs if cfg.route == "plugin" else 1, "cpus": os.cpu_count(),
@@ -305,8 +335,15 @@ def ot_term_activity(history: Dict[str, List[float]]) -> Dict[str, Any]:
         return [float(np.mean(part)) if len(part) else 0.0
                 for part in np.array_split(np.asarray(history.get(key, []), dtype=float), 3)]
 
+    def nan_by_third(key: str) -> List[Optional[float]]:  # None: not logged (runs from before the key)
+        parts = np.array_split(np.asarray(history.get(key, []), dtype=float), 3)
+        return [float(np.nanmean(p)) if len(p) and np.isfinite(p).any() else None for p in parts]
+
     return {"logged_steps": len(steps), "active_share": len(active) / max(1, len(steps)),
             "active_share_by_third": thirds, "mean_ot_by_third": by_third("ot"),
             "mean_triplets_by_third": by_third("triplets"),
+            "mean_lambda_by_third": nan_by_third("lambda"),
+            "mean_grad_share_by_third": nan_by_third("grad_share"),
+            "mean_grad_cos_by_third": nan_by_third("grad_cos"),
             "last_active_step": last, "first_triplets": trip[0] if trip else 0.0,
             "mean_triplets": float(np.mean(trip)) if trip else 0.0}
