@@ -242,6 +242,16 @@ def check_otface_options(options: Mapping[str, Any], where: str = "config") -> N
         if key == "s" and value != 64:
             raise ConfigError(f"{where}: key {name!r}: train_v2.py's margin softmax uses s=64; other scales are not supported")
         default = accepted[key].default
+        if key == "lambda_ot" and isinstance(value, str):  # a number, or the adaptive lambda
+            if value != "auto":
+                raise ConfigError(f"{where}: key {name!r} must be a number >= 0 or \"auto\", got {value!r}")
+            continue
+        if key == "lambda_range":
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise ConfigError(f"{where}: key {name!r} must be a pair [low, high], got {value!r}")
+            for v in value:
+                _check_type(where, name, v, Number, "a pair of numbers [low, high]")
+            continue
         if default is None:  # optional number: None or a number
             types, what = (int, float, type(None)), "a number or null"
         elif isinstance(default, bool):
