@@ -237,7 +237,7 @@ class OTFaceLoss(torch.nn.Module):
         lambda_ot: float | str = 0.1,
         warmup_steps: int = 0,
         grad_share: float = 0.3,
-        lambda_range: tuple = (0.01, 100.0),
+        lambda_range: tuple = (0.01, 1000.0),
         lambda_rate: float = 0.05,
         *,
         margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
@@ -334,11 +334,12 @@ class OTFaceLoss(torch.nn.Module):
                     "triplet_mode='misclassified' needs logits: pass logits=..., indices_tuple=... or use a "
                     "margin head that records last_cosine"
                 )
-        if self.training and self.adaptive:
+        learning = self.training and torch.is_grad_enabled()  # a no_grad or eval forward changes nothing
+        if learning and self.adaptive:
             with torch.no_grad():  # from the statistics of the previous step's backward
                 adapt_lambda(self.lambda_auto, self.grad_stats, self.grad_share, self.lambda_rate, self.lambda_range)
         lam = self.current_lambda()
-        if self.training:
+        if learning:
             if self.ot_term.feature == "conv" and features is not None:
                 features = self._probe.attach(features, lam)
             elif self.ot_term.feature == "embedding":
