@@ -17,7 +17,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_UPSTREAM = SHARED / "upstream" / "arcface_torch-7fadd420"
-RECIPE_DEPS = "import mxnet, sklearn, scipy, tensorboard, easydict, yaml, onnx, onnxruntime"
+# what train_v2.py, eval/verification.py and torch2onnx.py import (mxnet is optional: without it the
+# patched recipe reads .rec/.bin through otface_plugin.arcface_torch.mxnet_compat)
+RECIPE_DEPS = "import sklearn, scipy, tensorboard, easydict, yaml, onnx, onnxruntime"
+
+
+def pythonpath() -> str:
+    """PYTHONPATH for subprocesses: the repository first, then what the caller had (the GPU kit's
+    --target site, say)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def upstream_root() -> Path | None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, copy_upstream, faces_dir, free_port, needs_upstream
+from conftest import copy_upstream, faces_dir, free_port, needs_upstream, pythonpath
 
 from otface_plugin.arcface_torch import installer
 
@@ -38,7 +38,7 @@ LOSS_LINE = re.compile(r"Loss ([-\d.naif]+)   LearningRate ([-\d.e]+)   Epoch: (
 
 def otface_data(*args):
     r = subprocess.run([sys.executable, "-m", "otface_plugin.data.cli", *map(str, args)],
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                       env={**os.environ, "PYTHONPATH": pythonpath()}, capture_output=True, text=True)
     assert r.returncode == 0, f"otface-data {' '.join(map(str, args))}: {r.stderr}"
 
 
@@ -65,7 +65,7 @@ def data(tmp_path_factory):
 
 
 def torchrun(py, root: Path, config: str, nproc: int, timeout: int, script=("train_v2.py",), env=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     cmd = [py, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            *script, config]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -259,7 +259,7 @@ def test_resume_continues_the_step_count(otface_run):
 
 def test_export_onnx_and_load_with_insightface(otface_run, data, train_python):
     root, out, network = otface_run["root"], otface_run["out"], otface_run["network"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([train_python, "torch2onnx.py", str(out / "model.pt"), "--network", network,
                         "--output", str(out / "model.onnx")], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
