@@ -9,7 +9,7 @@ of them alike:
   form (two row-vector bmms + two divisions per iteration on the row-shifted kernel)
 * otface-kernel, otface-lse - the same solver, same iterates, in its log-domain forms
 * otface-cudagraph - (CUDA only) the scaling loop captured once as a CUDA graph, then replayed
-* pot-batch - POT's ot.batch.solve_batch(method="log_sinkhorn"), tol=0 so it runs all iterations
+* pot-batch - POT's ot.batch.solve_batch (its default log_sinkhorn), tol=0 so it runs all iterations
 * pot-loop - POT's ot.sinkhorn2(method="sinkhorn_log") problem by problem (torch backend)
 * geomloss - geomloss.SamplesLoss("sinkhorn", p=2, backend="tensorized"); on unit vectors its
   cost |x-y|^2/2 equals 1 - <x,y>; it anneals eps itself, `scaling` is set so that it runs about
@@ -70,7 +70,7 @@ def run_method(name, x, y, eps, iters):
     elif name == "pot-batch":
         import ot.batch
         w = ot.batch.solve_batch(cosine_cost(x, y, normalize=False), eps, max_iter=iters, tol=0.0,
-                                 method="log_sinkhorn", grad="envelope").value_linear
+                                 grad="envelope").value_linear  # default log_sinkhorn (POT 0.9.6, 0.9.7)
     elif name == "pot-loop":
         import ot
         C = cosine_cost(x, y, normalize=False)
