@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench clean gpu-check
+.PHONY: install demo test bench clean gpu-kit gpu-check
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -30,10 +30,15 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench_ot.py
 	$(VENV)/bin/python benchmarks/bench_step.py
 
-# On a GPU machine (benchmarks/gpu_env.sh builds GPU_PYTHON): writes results/gpu/REPORT.md + gpu.json.
+# The GPU check. Here (with the package index): make gpu-kit builds .gpu-kit (wheels, recipe, .rec).
+# On the GPU machine, offline, with .gpu-kit carried: make gpu-check installs the kit with
+# pip --no-index --target and writes results/gpu/REPORT.md + gpu.json.
+gpu-kit: $(VENV)/.installed
+	PYTHON=$(VENV)/bin/python bash benchmarks/gpu_kit.sh .gpu-kit
+
 GPU_PYTHON ?= python3
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --device cuda --strict --out results/gpu
+	PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_run.sh --device cuda
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

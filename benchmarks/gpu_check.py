@@ -24,7 +24,8 @@ Writes OUT/REPORT.md and OUT/gpu.json (card, driver, torch, figures, pass/fail p
 Needs: the recipe (ARCFACE_TORCH_DIR, else ../shared/upstream/arcface_torch-7fadd420; copied
 writable), the face set (OTFACE_FACES_DIR, else ../shared/data/extyaleb) and a training
 interpreter with the recipe's dependencies (--train-python, else OTFACE_TRAIN_PYTHON, else this
-one). benchmarks/gpu_env.sh builds one. A missing prerequisite skips its stage with the reason
+one), or a GPU kit (--kit: benchmarks/gpu_kit.sh builds it, benchmarks/gpu_run.sh runs this script with
+it on a machine without network). A missing prerequisite skips its stage with the reason
 (a failure with --strict, which `make gpu-check` passes).
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ def check_train_python(py: str) -> None:
     if r.returncode != 0:
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
         raise Skip(f"training interpreter {py} lacks the recipe's dependencies "
-                   f"(pass --train-python or OTFACE_TRAIN_PYTHON; benchmarks/gpu_env.sh builds one): {last}")
+                   f"(pass --train-python or OTFACE_TRAIN_PYTHON; on a GPU machine use benchmarks/gpu_run.sh): {last}")
 
 
 # ----------------------------------------------------------------------------- stages

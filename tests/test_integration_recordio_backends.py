@@ -42,7 +42,7 @@ data, issame = verification.load_bin(bin_path, (size, size))
 np.savez(out, samples=np.stack(samples), labels=np.array(labels), imgidx=np.asarray(ds.imgidx),
          header0=np.array(getattr(ds, "header0", (-1, -1))), bin0=data[0].numpy(), bin1=data[1].numpy(),
          issame=np.array(issame))
-print(json.dumps({"backend": mxnet_compat.backend, "mx": type(dataset.mx).__module__}))
+print(json.dumps({"backend": mxnet_compat.backend, "mx": dataset.mx.__name__}))
 """
 
 
