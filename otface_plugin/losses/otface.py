@@ -22,7 +22,7 @@ from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MarginSoftmaxLoss, margin_triple
 from otface_plugin.mining import (TRIPLET_MODES, Triplets, check_triplets, hardest_pairs, mine_triplets,
                                   misclassified_mask, require_finite)
-from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
+from otface_plugin.ot import cosine_cost, pick_method, sinkhorn
 from otface_plugin.registry import register_loss
 
 __all__ = ["OTFaceLoss", "OTFaceTerm"]
@@ -93,8 +93,8 @@ class OTFaceTerm(torch.nn.Module):
         self.eps_start, self.max_triplets = eps_start, max_triplets
         self.ot_compile = ot_compile
         # Cosine costs have a known span, so the solver's method is fixed without a host sync.
-        small_span = COSINE_COST_SPAN / self.eps <= KERNEL_SPAN_LIMIT[torch.float32]
-        self.method = "scaling" if small_span else "lse"
+        self.method = pick_method(COSINE_COST_SPAN, self.eps)
+        small_span = self.method == "scaling"
         self.loop = OT_COMPILE[ot_compile] if small_span else "eager"
         self.last: Dict[str, torch.Tensor | float] = {}
 
