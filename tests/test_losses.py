@@ -322,17 +322,15 @@ def test_components_log_line_round_trip():
     assert math.isnan(rows[7]["ot"]) and rows[7]["w_an"] == -math.inf
 
 
-def test_margin_loss_keyword_is_a_deprecated_name_of_head():
-    head = torch.nn.Linear(8, 1)  # any module: its parameters stay under margin_loss.* in the state dict
-    new = OTFaceLoss(head=head, feature="embedding")
-    with pytest.warns(DeprecationWarning, match="head="):
-        old = OTFaceLoss(margin_loss=head, feature="embedding")
-    assert new.head is head and old.head is head and old.margin_loss is head
-    assert list(new.state_dict()) == list(old.state_dict()) and "margin_loss.weight" in new.state_dict()
-    with pytest.raises(TypeError, match="both head= and margin_loss="):
-        OTFaceLoss(head=head, margin_loss=head)
-    with pytest.warns(DeprecationWarning):
-        assert build_loss_otface(margin_loss=head).head is head
+def test_head_is_stored_under_the_checkpoint_name_margin_loss():
+    # the deprecated margin_loss= keyword is gone (0.1, no users); the submodule keeps its name,
+    # so state dict keys (margin_loss.*) and checkpoints stay as they were
+    head = torch.nn.Linear(8, 1)
+    loss = OTFaceLoss(head=head, feature="embedding")
+    assert loss.head is head and loss.margin_loss is head and "margin_loss.weight" in loss.state_dict()
+    assert build_loss_otface(head=head).head is head
+    with pytest.raises(TypeError, match="margin_loss"):
+        OTFaceLoss(head=head, margin_loss=head, feature="embedding")
 
 
 def build_loss_otface(**options):

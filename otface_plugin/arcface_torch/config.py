@@ -98,7 +98,7 @@ RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
 # one definition for loss and config
 from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple  # noqa: E402
 # OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
-FROM_RECIPE = ("head", "margin_loss", "num_classes", "embedding_size")
+FROM_RECIPE = ("head", "num_classes", "embedding_size")
 HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}
 # OTFace options train_v2.py cannot serve -> why (rejected when the config is loaded, not at step 1)
 RECIPE_UNSUPPORTED = {

@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -265,14 +264,6 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 SAMPLERS = ("pk", "hard")  # the study's batch plans: PKSampler, HardPKSampler
 HARD_REFRESH_STEPS = 20  # sampler "hard": class centres re-read every this many steps
-
-
-def pk_batches(*args: Any, **kwargs: Any) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Deprecated name of :func:`train_batches` (it serves ``sampler="hard"`` too, and
-    ``otface_plugin.demo`` has its own, unrelated ``pk_batches``)."""
-    warnings.warn("otface_plugin.bench.data.pk_batches is deprecated; use train_batches",
-                  DeprecationWarning, stacklevel=2)
-    return train_batches(*args, **kwargs)
 
 
 def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -204,8 +203,8 @@ class OTFaceLoss(torch.nn.Module):
     function returning the margin-softmax loss; inside arcface_torch: its PartialFC_V2), else an
     own :class:`MarginSoftmaxLoss` built from ``num_classes``, ``embedding_size`` and ``margin``
     (``"arcface"``, ``"cosface"``, an ``(m1, m2, m3)`` tuple or a registered head such as
-    ``"adaface"``). ``margin_loss=`` is the old name of ``head=`` (deprecated); the head is
-    stored as the submodule ``margin_loss``, the name checkpoints hold, and :attr:`head` reads it.
+    ``"adaface"``). The head is stored as the submodule ``margin_loss``, the name checkpoints
+    hold, and :attr:`head` reads it.
     The other margins are the OT term's: ``triplet_margin`` (which triplets are hard) and
     ``ot_margin`` (the hinge on ``W(a,p) - W(a,n)``).
 
@@ -239,17 +238,9 @@ class OTFaceLoss(torch.nn.Module):
         grad_share: float = 0.3,
         lambda_range: tuple = (0.01, 100.0),
         lambda_rate: float = 0.05,
-        *,
-        margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         **term_options,
     ) -> None:
         super().__init__()
-        if margin_loss is not None:
-            if head is not None:
-                raise TypeError("OTFaceLoss got both head= and margin_loss= (its old name); pass head= only")
-            warnings.warn("OTFaceLoss(margin_loss=...) is deprecated; pass the margin head as head=...",
-                          DeprecationWarning, stacklevel=2)
-            head = margin_loss
         self.adaptive = lambda_ot == AUTO_LAMBDA
         if not self.adaptive:
             if isinstance(lambda_ot, str):
