@@ -150,7 +150,8 @@ def sinkhorn(
         schedule = _eps_schedule(eps, iters, eps_start, anneal_iters)
 
         if method == "auto":
-            span = float((C.detach().amax() - C.detach().amin()).item()) if C.numel() else 0.0
+            low, high = torch.aminmax(C.detach())  # one pass, one host read
+            span = float((high - low).item())
             method = pick_method(span, min(schedule), dtype)
 
         solve_grad = grad == "autodiff" and torch.is_grad_enabled()
