@@ -9,7 +9,7 @@ from easydict import EasyDict as edict
 from otface_plugin.arcface_torch.config import ConfigError, check_job, load_yaml_config, prepare_config
 from otface_plugin.registry import UnknownLossError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
 
 
 def base_config():
