@@ -131,7 +131,8 @@ def sinkhorn(
         loop: how the ``"scaling"`` loop runs: ``"eager"``; ``"compile"`` (``torch.compile``,
             one compiled graph per shape and iteration count); ``"cudagraph"`` (captured once
             per shape in a CUDA graph and replayed: one launch per solve; CUDA only, eager
-            elsewhere and with ``grad="autodiff"``). Only with ``method="scaling"``.
+            elsewhere and with ``grad="autodiff"``). Only for the scaling form: with
+            ``method="scaling"``, or ``"auto"`` where it picks that form.
 
     Returns:
         :class:`OTResult` with the (B,) transport cost ``<P, C>``.
@@ -139,7 +140,7 @@ def sinkhorn(
     _check_inputs(cost, a, b, eps, iters, grad, eps_start, method)
     if loop not in LOOPS:
         raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
-    if loop != "eager" and method != "scaling":
+    if loop != "eager" and method not in ("scaling", "auto"):
         raise ValueError(f"loop={loop!r} needs method='scaling', got method={method!r}")
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=cost.device.type, enabled=False):
@@ -153,6 +154,9 @@ def sinkhorn(
             low, high = torch.aminmax(C.detach())  # one pass, one host read
             span = float((high - low).item())
             method = pick_method(span, min(schedule), dtype)
+            if loop != "eager" and method != "scaling":
+                raise ValueError(f"loop={loop!r} runs the scaling form, which span(C)/eps = {span / min(schedule):.4g} "
+                                 f"exceeds (KERNEL_SPAN_LIMIT {KERNEL_SPAN_LIMIT[dtype]:g}); use loop='eager'")
 
         solve_grad = grad == "autodiff" and torch.is_grad_enabled()
         with torch.set_grad_enabled(solve_grad):

@@ -216,6 +216,11 @@ def test_loop_option_checked():
         sinkhorn(torch.rand(2, 3, 4), method="scaling", loop="graph")
     with pytest.raises(ValueError, match="method='scaling'"):
         sinkhorn(torch.rand(2, 3, 4), method="kernel", loop="compile")
+    # the default method takes a loop where it picks the scaling form
+    C = torch.rand(2, 3, 4)
+    assert torch.equal(sinkhorn(C, loop="cudagraph").cost, sinkhorn(C, method="scaling").cost)
+    with pytest.raises(ValueError, match="KERNEL_SPAN_LIMIT"):
+        sinkhorn(C * 100, loop="cudagraph")
 
 
 def test_cudagraph_loop_is_eager_off_cuda():
