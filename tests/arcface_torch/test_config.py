@@ -1,6 +1,5 @@
 """YAML job configs and the checks of the plugin's config keys (no upstream checkout needed)."""
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
@@ -9,7 +8,7 @@ from easydict import EasyDict as edict
 from otface_plugin.arcface_torch.config import ConfigError, check_job, load_yaml_config, prepare_config
 from otface_plugin.registry import UnknownLossError
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO
 
 
 def base_config():
