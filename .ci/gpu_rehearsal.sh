@@ -6,7 +6,7 @@
 # network unused, the GPU kit (benchmarks/gpu_kit.sh) installed with pip --no-index --target, and:
 #   1. the patched recipe's end-to-end tests in that venv: 2 gloo processes of train_v2.py with
 #      loss: otface, resume, torch2onnx.py, insightface loading the export; MXFaceDataset/load_bin
-#      through the plugin's reader (tests/test_integration_train.py -k mbf, test_integration_recordio_backends.py);
+#      through the plugin's reader (tests/integration/test_recipe_train.py -k mbf, test_recipe_recordio.py);
 #   2. benchmarks/gpu_run.sh --device cpu --smoke: every stage of the GPU check, none skipped.
 #
 # Usage: .ci/gpu_rehearsal.sh
@@ -59,8 +59,8 @@ cd "$REPO"
 echo "[rehearsal] the patched recipe on this stack (tests, 2 gloo processes)"
 PYTHONPATH="$REPO:$SITE" OTFACE_TRAIN_PYTHON="$VENV/bin/python" OMP_NUM_THREADS=1 \
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts= -W "ignore::DeprecationWarning" -m upstream -rs \
-    tests/test_integration_train.py tests/test_integration_recordio_backends.py \
-    -k "recordio_backends or (mbf and (two_process or resume or export))"
+    tests/integration/test_recipe_train.py tests/integration/test_recipe_recordio.py \
+    -k "recordio or (mbf and (two_process or resume or export))"
 
 echo "[rehearsal] the GPU check, as the GPU machine runs it, on the CPU"
 OUT="$TMP/gpu-smoke" KIT="$KIT" SITE="$TMP/site-run" PYTHON="$VENV/bin/python" \

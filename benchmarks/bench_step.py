@@ -9,7 +9,7 @@ table gives medians and the ratio.
     python benchmarks/bench_step.py [--P 2 --K 4] [--steps 5] [--device cpu] [--fp16] [--json out.json]
 
 ``--backbone upstream`` uses the recipe's own iresnet50 instead (ARCFACE_TORCH_DIR, else the
-pinned export at ../shared/upstream/arcface_torch-7fadd420). On a GPU the recipe's batch (128
+pinned export at ../shared/upstream/<pins.SHARED_EXPORT>). On a GPU the recipe's batch (128
 per GPU, P=32 x K=4) with ``--fp16`` (the recipe's autocast, as ``fp16: true``) is the
 meaningful one:
 
@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from otface_plugin.arcface_torch.pins import SHARED_EXPORT
 from otface_plugin.features import FeatureCapture
 from otface_plugin.losses import MarginSoftmaxLoss, OTFaceLoss
 
@@ -66,7 +67,7 @@ class IResNet50Like(nn.Module):
 
 
 SHARED_UPSTREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "upstream",
-                               "arcface_torch-7fadd420")
+                               SHARED_EXPORT)
 
 
 def upstream_r50(fp16=False):

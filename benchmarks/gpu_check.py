@@ -44,12 +44,12 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")]
 
 # The integration test's helpers: its log patterns, torchrun wrapper, otface-data call and the
 # insightface export check (imported, so the CPU test and this check read the same lines).
 import conftest  # noqa: E402
-import test_integration_train as itest  # noqa: E402
+import test_recipe_train as itest  # noqa: E402
 
 STEP_TARGET = 1.03
 GPU_BATCH, SMOKE_BATCH = 128, 8  # P x K = 32 x 4 (the recipe's per-GPU batch); smoke: 2 x 4

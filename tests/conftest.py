@@ -1,7 +1,7 @@
 """Shared test fixtures: where the upstream recipe, the face images and the training interpreter are.
 
 One place decides where the arcface_torch recipe comes from: ARCFACE_TORCH_DIR when set, else the
-pristine export laid beside the checkout at ../shared/upstream/arcface_torch-7fadd420. Tests only
+pristine export laid beside the checkout at ../shared/upstream/<pins.SHARED_EXPORT>. Tests only
 ever patch a writable copy of it (the shared export is read-only in CI).
 """
 from __future__ import annotations
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from otface_plugin.arcface_torch.pins import SHARED_EXPORT, UPSTREAM_SHORT
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-SHARED_UPSTREAM = SHARED / "upstream" / "arcface_torch-7fadd420"
+SHARED_UPSTREAM = SHARED / "upstream" / SHARED_EXPORT
 # what train_v2.py, eval/verification.py and torch2onnx.py import (mxnet is optional: without it the
 # patched recipe reads .rec/.bin through otface_plugin.arcface_torch.mxnet_compat)
 RECIPE_DEPS = "import sklearn, scipy, tensorboard, easydict, yaml, onnx, onnxruntime"
@@ -38,7 +40,7 @@ def upstream_root() -> Path | None:
 
 UPSTREAM = upstream_root()
 NO_UPSTREAM = ("no arcface_torch recipe: set ARCFACE_TORCH_DIR to a pristine insightface/recognition/arcface_torch "
-               f"checkout (pinned commit 7fadd420), or lay the shared export at {SHARED_UPSTREAM}")
+               f"checkout (pinned commit {UPSTREAM_SHORT}), or lay the shared export at {SHARED_UPSTREAM}")
 needs_upstream = pytest.mark.skipif(UPSTREAM is None, reason=NO_UPSTREAM)
 
 

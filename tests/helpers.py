@@ -50,3 +50,27 @@ def snapshot(root: Path) -> Dict[str, bytes]:
     """Every file under ``root`` (hidden ones included): {relative path: bytes}."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+def random_cosines(B: int = 16, C: int = 10, seed: int = 0):
+    """(B, C) cosines in [-0.9, 0.9] and labels, one of them -1 (a class on another rank)."""
+    g = torch.Generator().manual_seed(seed)
+    cos = torch.rand(B, C, generator=g) * 1.8 - 0.9
+    labels = torch.randint(0, C, (B,), generator=g)
+    labels[3] = -1  # a sample whose class lives on another rank
+    return cos, labels
+
+
+def recipe_losses_module():
+    """The pinned recipe's losses.py, imported from the checkout (skips without one)."""
+    import importlib.util
+
+    import pytest
+    from conftest import NO_UPSTREAM, UPSTREAM
+
+    if UPSTREAM is None:
+        pytest.skip(NO_UPSTREAM)
+    spec = importlib.util.spec_from_file_location("recipe_losses", UPSTREAM / "losses.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

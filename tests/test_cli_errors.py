@@ -1,6 +1,6 @@
 """Expected failures of the command-line tools are one line on stderr and a non-zero exit
 (issue 9 case 7): otface-train configs, otface-install on a wrong directory (the rest of
-otface-install's are in test_integration_installer.py, otface-demo's in test_demo.py)."""
+otface-install's are in integration/test_recipe_installer.py, otface-demo's in test_demo.py)."""
 import os
 import subprocess
 

@@ -133,9 +133,9 @@ def test_fixed_shape_term_without_triplets_is_zero(device):
 def test_margin_heads_equal_recipe_on_device(device, margins):
     if UPSTREAM is None:
         pytest.skip(NO_UPSTREAM)
-    from test_losses import _recipe_losses_module, random_cosines
+    from helpers import random_cosines, recipe_losses_module
 
-    recipe = _recipe_losses_module()
+    recipe = recipe_losses_module()
     cos, labels = random_cosines(seed=5)
     cos, labels = cos.to(device), labels.to(device)
     theirs = recipe.CombinedMarginLoss(64, *margins)(cos.clone() * 1.0, labels.view(-1, 1))

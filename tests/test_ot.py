@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from otface_plugin.ot import cosine_cost, sinkhorn
+from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, pick_method, sinkhorn
 
 ot = pytest.importorskip("ot", reason="POT is the reference solver (pip install pot>=0.9.7)")
 import ot.batch  # noqa: E402
@@ -216,6 +216,11 @@ def test_loop_option_checked():
         sinkhorn(torch.rand(2, 3, 4), method="scaling", loop="graph")
     with pytest.raises(ValueError, match="method='scaling'"):
         sinkhorn(torch.rand(2, 3, 4), method="kernel", loop="compile")
+    # the default method takes a loop where it picks the scaling form
+    C = torch.rand(2, 3, 4)
+    assert torch.equal(sinkhorn(C, loop="cudagraph").cost, sinkhorn(C, method="scaling").cost)
+    with pytest.raises(ValueError, match="KERNEL_SPAN_LIMIT"):
+        sinkhorn(C * 100, loop="cudagraph")
 
 
 def test_cudagraph_loop_is_eager_off_cuda():
@@ -247,3 +252,28 @@ def test_zero_weight_points_are_absent_at_every_iteration(method):
         big = sinkhorn(padded, a0, b0, eps=0.05, iters=iters, method=method)
         torch.testing.assert_close(big.cost, small.cost, atol=1e-12, rtol=0)
         torch.testing.assert_close(big.plan[:, :6, :7], small.plan, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_method_is_scaling_within_the_span_limit_else_lse(dtype, monkeypatch):
+    # the public default is the fastest exact form for the costs given: scaling while
+    # span/eps <= KERNEL_SPAN_LIMIT, log-sum-exp beyond; same numbers as asking for it by name
+    import otface_plugin.ot as ot_module
+
+    ran = []
+    real_scaling, real_iterate = ot_module._iterate_scaling, ot_module._iterate
+    monkeypatch.setattr(ot_module, "_iterate_scaling", lambda *a, **k: ran.append("scaling") or real_scaling(*a, **k))
+    monkeypatch.setattr(ot_module, "_iterate", lambda *a, **k: ran.append(a[4]) or real_iterate(*a, **k))
+    limit = KERNEL_SPAN_LIMIT[dtype]
+    g = torch.Generator().manual_seed(18)
+    eps = 0.5
+    for span, expected in ((2.0, "scaling"), (limit * eps, "scaling"), (limit * eps * 1.5, "lse")):
+        C = (torch.rand(3, 9, 8, generator=g, dtype=torch.float64) * span).to(dtype)
+        C[:, 0, 0], C[:, 0, 1] = 0.0, span  # span(C) / eps exactly as given
+        assert pick_method(span, eps, dtype) == expected
+        ran.clear()
+        default = sinkhorn(C, eps=eps, iters=20)
+        assert ran == [expected]
+        named = sinkhorn(C, eps=eps, iters=20, method=expected)
+        assert torch.equal(default.cost, named.cost)
+        assert torch.equal(default.log_u, named.log_u) and torch.equal(default.log_v, named.log_v)

@@ -3,10 +3,11 @@
     cfg = prepare_config(cfg)                            # checks loss / sampler / otface keys
     get_dataloader(..., sampler=build_sampler(cfg))      # None keeps upstream's sampler
     module_partial_fc = build_head(cfg, module_partial_fc, backbone)   # PFC itself unless otface
-    log_components(module_partial_fc, global_step, cfg.frequent, summary_writer)
+    log_components(module_partial_fc, global_step, cfg.frequent, summary_writer)  # = after_step
 
-Also here: the patch installer (``installer``, the ``otface-install`` command), YAML configs
-(``config``) and the no-patch wrapper (``train_wrapper``, the ``otface-train`` command). Imports
+``schema`` declares the keys, ``config`` loads and checks them, ``hooks`` holds these call sites.
+Also here: the patch installer (``installer``, the ``otface-install`` command), the upstream pin
+(``pins``) and the no-patch wrapper (``train_wrapper``, the ``otface-train`` command). Imports
 are lazy so that the installer works without torch.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ _LAZY = {
     "build_head": "otface_plugin.arcface_torch.hooks",
     "build_sampler": "otface_plugin.arcface_torch.hooks",
     "log_components": "otface_plugin.arcface_torch.hooks",
+    "after_step": "otface_plugin.arcface_torch.hooks",
     "OTFaceHead": "otface_plugin.arcface_torch.hooks",
 }
 

@@ -1,117 +1,46 @@
-"""Job configs for arcface_torch: YAML loading and the checks of the plugin's keys.
+"""Job configs for arcface_torch: YAML loading and the one check of the plugin's keys.
 
 A YAML job (``train_v2.py configs/NAME.yaml``) is merged over ``configs/base.py`` exactly as a
 python job is (``cfg = base.config; cfg.update(job)``; ``output`` defaults to
 ``work_dirs/NAME``). Unlike python configs it is checked first: an unknown key or a value of the
 wrong type is an error that names the key, so a typo cannot silently train with a default.
+:func:`prepare_config` (what train_v2.py calls after ``get_config``) checks python and YAML jobs
+alike and resolves the margin and the sampler.
 
-Keys the plugin adds (python and YAML configs alike):
-
-- ``loss``: unset (upstream), ``"arcface"``, ``"cosface"``, ``"combined"`` (upstream
-  CombinedMarginLoss with ``margin_list``), a registered margin head (``"adaface"``,
-  ``"curricularface"``, ``"elasticface_arc"``, ``"elasticface_cos"``: PartialFC_V2 with that
-  margin function) or ``"otface"``;
-- ``head_options``: a mapping of the margin head's options (e.g. ``{m: 0.4, h: 0.333}``), for
-  ``loss: <head>`` or ``otface: {margin: <head>}``;
-- ``sampler``: ``"pk"`` (P identities x K images per batch; the default for otface), ``"hard"``
-  (P x K batches holding groups of neighbouring identities, by the margin head's class centres) or
-  ``"distributed"`` (upstream's; the default otherwise);
-- ``hard``: options of ``sampler: hard``: ``neighbours`` (3), ``hard_fraction`` (0.5),
-  ``refresh_steps`` (how often the class centres are re-read, 1000);
-- ``num_instances``: K, images per identity in a P x K batch (default 4);
-- ``otface``: a mapping of OTFaceLoss options (``lambda_ot``, ``eps``, ``iters``, ``feature``,
-  ``triplet_mode``, ...), plus ``margin`` (``arcface``/``cosface``/[m1, m2, m3] or a head name) and ``layer``
-  (the backbone submodule whose output the OT term reads; by default chosen per backbone, see
-  feature_layers.py).
+The keys, their types and defaults are declared in ``schema.py`` (read from the owners'
+signatures); their values are checked here, each once: an ``otface`` block's values by building
+the loss once (its own range checks apply), and a block already checked (a YAML job, checked on
+load, then ``prepare_config``) is not built again.
 """
 from __future__ import annotations
 
 import difflib
-import inspect
 import logging
 import math
 import os
 import os.path as osp
+from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-Number = (int, float)
-
-# key -> (accepted python types, description). None in a tuple means the key may be null.
-RECIPE_KEYS: Dict[str, Tuple[tuple, str]] = {
-    # configs/base.py
-    "margin_list": ((list, tuple), "a list of three numbers [m1, m2, m3]"),
-    "network": ((str,), "a backbone name such as r50"),
-    "resume": ((bool,), "true or false"),
-    "save_all_states": ((bool,), "true or false"),
-    "output": ((str, type(None)), "a directory or null"),
-    "embedding_size": ((int,), "an integer"),
-    "sample_rate": (Number, "a number"),
-    "interclass_filtering_threshold": (Number, "a number"),
-    "fp16": ((bool,), "true or false"),
-    "batch_size": ((int,), "an integer"),
-    "optimizer": ((str,), '"sgd" or "adamw"'),
-    "lr": (Number, "a number"),
-    "momentum": (Number, "a number"),
-    "weight_decay": (Number, "a number"),
-    "verbose": ((int,), "an integer"),
-    "frequent": ((int,), "an integer"),
-    "dali": ((bool,), "true or false"),
-    "dali_aug": ((bool,), "true or false"),
-    "gradient_acc": ((int,), "an integer"),
-    "seed": ((int,), "an integer"),
-    "num_workers": ((int,), "an integer"),
-    "wandb_key": ((str,), "a string"),
-    "suffix_run_name": ((str, type(None)), "a string or null"),
-    "using_wandb": ((bool,), "true or false"),
-    "wandb_entity": ((str,), "a string"),
-    "wandb_project": ((str,), "a string"),
-    "wandb_log_all": ((bool,), "true or false"),
-    "save_artifacts": ((bool,), "true or false"),
-    "wandb_resume": ((bool,), "true or false"),
-    "notes": ((str, type(None)), "a string or null"),
-    # the dataset part every job config sets
-    "rec": ((str,), "a directory with train.rec/train.idx, or 'synthetic'"),
-    "num_classes": ((int,), "an integer"),
-    "num_image": ((int,), "an integer"),
-    "num_epoch": ((int,), "an integer"),
-    "warmup_epoch": ((int,), "an integer"),
-    "val_targets": ((list, tuple), "a list of .bin names"),
-}
-PLUGIN_KEYS: Dict[str, Tuple[tuple, str]] = {
-    "loss": ((str, type(None)), "a loss name (arcface, cosface, combined, otface)"),
-    "sampler": ((str, type(None)), '"pk", "hard" or "distributed"'),
-    "num_instances": ((int,), "an integer"),
-    "otface": ((dict,), "a mapping of OTFace options"),
-    "head_options": ((dict,), "a mapping of the margin head's options"),
-    "hard": ((dict,), "a mapping of hard-sampler options (neighbours, hard_fraction, refresh_steps)"),
-}
-KNOWN_KEYS = {**RECIPE_KEYS, **PLUGIN_KEYS}
-
-SAMPLERS = ("pk", "hard", "distributed")
-# sampler: hard options -> (default, accepted types, description, lowest value)
-HARD_OPTIONS: Dict[str, Tuple[Any, tuple, str, float]] = {
-    "neighbours": (3, (int,), "an integer >= 1", 1),
-    "hard_fraction": (0.5, Number, "a number in [0, 1]", 0.0),
-    "refresh_steps": (1000, (int,), "an integer >= 1", 1),
-}
-RECIPE_LOSSES = ("arcface", "cosface", "combined", "otface")
-# one definition for loss and config
-from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple  # noqa: E402
-# OTFaceLoss arguments that train_v2.py supplies itself, and options of the hook, not the loss
-FROM_RECIPE = ("head", "margin_loss", "num_classes", "embedding_size")
-HOOK_OPTIONS = {"layer": ((str,), "a backbone submodule name such as layer4")}
-# OTFace options train_v2.py cannot serve -> why (rejected when the config is loaded, not at step 1)
-RECIPE_UNSUPPORTED = {
-    ("triplet_mode", "misclassified"): "it needs the margin head's logits, which the recipe's PartialFC_V2 "
-                                       "does not expose; use hard or all",
-}
-DEFAULT_NUM_INSTANCES = 4
+from otface_plugin.arcface_torch.schema import (  # noqa: F401  (re-exported: config.X still works)
+    DEFAULT_NUM_INSTANCES,
+    FROM_RECIPE,
+    HARD_OPTIONS,
+    HOOK_OPTIONS,
+    KNOWN_KEYS,
+    PLUGIN_KEYS,
+    RECIPE_KEYS,
+    RECIPE_LOSSES,
+    RECIPE_UNSUPPORTED,
+    SAMPLERS,
+    ConfigError,
+    Number,
+    option_type,
+    otface_loss_options,
+)
+from otface_plugin.losses.margin import MARGIN_PRESETS, margin_triple
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config key is unknown or has a value of the wrong type."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,15 +139,7 @@ def _margin_triple(value: Any, what: str) -> Tuple[float, float, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the otface block
-def otface_loss_options() -> Dict[str, inspect.Parameter]:
-    """OTFaceLoss's keyword options a config may set (the recipe supplies the rest)."""
-    from otface_plugin.losses import OTFaceLoss
-
-    params = inspect.signature(OTFaceLoss.__init__).parameters
-    return {n: p for n, p in params.items() if n != "self" and n not in FROM_RECIPE}
-
-
+# the otface block (its options: schema.otface_loss_options, from OTFaceLoss's signature)
 def check_otface_options(options: Mapping[str, Any], where: str = "config") -> None:
     """Unknown options and wrong types are errors naming ``otface.<key>``; values are checked by
     building the loss once (its own range checks, e.g. eps > 0, then apply)."""
@@ -241,7 +162,6 @@ def check_otface_options(options: Mapping[str, Any], where: str = "config") -> N
             continue
         if key == "s" and value != 64:
             raise ConfigError(f"{where}: key {name!r}: train_v2.py's margin softmax uses s=64; other scales are not supported")
-        default = accepted[key].default
         if key == "lambda_ot" and isinstance(value, str):  # a number, or the adaptive lambda
             if value != "auto":
                 raise ConfigError(f"{where}: key {name!r} must be a number >= 0 or \"auto\", got {value!r}")
@@ -252,23 +172,29 @@ def check_otface_options(options: Mapping[str, Any], where: str = "config") -> N
             for v in value:
                 _check_type(where, name, v, Number, "a pair of numbers [low, high]")
             continue
-        if default is None:  # optional number: None or a number
-            types, what = (int, float, type(None)), "a number or null"
-        elif isinstance(default, bool):
-            types, what = (bool,), "true or false"
-        elif isinstance(default, int):
-            types, what = (int,), "an integer"
-        elif isinstance(default, float):
-            types, what = Number, "a number"
-        elif isinstance(default, str):
-            types, what = (str,), "a string"
-        else:
-            continue
-        _check_type(where, name, value, types, what)
+        rule = option_type(accepted[key].default)
+        if rule is not None:
+            _check_type(where, name, value, *rule)
+    _check_otface_values(options, where)
+
+
+_CHECKED_OTFACE: "OrderedDict[str, None]" = OrderedDict()  # otface blocks whose values passed, by content
+
+
+def _check_otface_values(options: Mapping[str, Any], where: str) -> None:
+    """The values' ranges, by building the loss around a stand-in head (OTFaceLoss and OTFaceTerm
+    check their own arguments); once per distinct block, so a YAML job checked on load is not
+    built again by prepare_config."""
+    key = repr(sorted((k, repr(v)) for k, v in options.items()))
+    if key in _CHECKED_OTFACE:
+        return
     try:
         build_otface_loss(lambda e, l: e.sum(), options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: key 'otface': {exc}") from None
+    _CHECKED_OTFACE[key] = None
+    while len(_CHECKED_OTFACE) > 64:
+        _CHECKED_OTFACE.popitem(last=False)
 
 
 def _heads() -> Dict[str, Any]:
@@ -322,10 +248,10 @@ def hard_options(options: Any, where: str = "config") -> Dict[str, Any]:
     if not isinstance(options, Mapping):
         raise ConfigError(f"{where}: key 'hard' must be a mapping of hard-sampler options, got {options!r}")
     out = {}
-    for key, (default, types, what, lowest) in HARD_OPTIONS.items():
+    for key, (default, types, what, valid) in HARD_OPTIONS.items():
         value = options.get(key, default)
         _check_type(where, f"hard.{key}", value, types, what)
-        if value < lowest or (key == "hard_fraction" and value > 1):
+        if not valid(value):
             raise ConfigError(f"{where}: key 'hard.{key}' must be {what}, got {value!r}")
         out[key] = value
     unknown = [k for k in options if k not in HARD_OPTIONS]

@@ -10,11 +10,14 @@ OTFaceLoss, whose OT term reads the backbone's high-level features (iresnet ``la
 MobileFaceNet ``conv_sep``, ViT ``norm`` tokens; see feature_layers.py) through a forward hook, so the
 backbone, ``model.pt`` and the ONNX export stay exactly upstream's.
 
-With ``sampler: hard`` (any loss) the sampler is a :class:`HardPKSampler` and the per-step call
-(:func:`log_components`, called on every rank after every step) refreshes its neighbour table from
-PartialFC_V2's class centres every ``hard.refresh_steps`` steps and at every epoch end; a resumed
-run refreshes when the checkpoint is loaded into the head, so it plans its first epoch as the
-uninterrupted run would have.
+After every step, on every rank, train_v2.py calls :func:`after_step` (through its patched
+name, :func:`log_components`): it runs the two per-step jobs in order, :meth:`HardRefresh.maybe_refresh`
+then :func:`log_step`. With ``sampler: hard`` (any loss) the sampler is a :class:`HardPKSampler`,
+and its :class:`HardRefresh` re-reads PartialFC_V2's class centres every ``hard.refresh_steps``
+steps and at every epoch end to update the neighbour table; a resumed run refreshes when the
+checkpoint is loaded into the head, so it plans its first epoch as the uninterrupted run would
+have. The sampler and its refresh settings are one object, :data:`RECIPE`'s ``hard`` (train_v2.py
+builds one loader per process, and its call sites pass no state between them).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -84,8 +88,9 @@ def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module)
 def _with_resume_refresh(head: torch.nn.Module) -> torch.nn.Module:
     """With a hard sampler: loading a checkpoint into the head (train_v2.py's resume, on every
     rank) refreshes the sampler for the next epoch from the loaded centres."""
-    if _HARD.get("sampler") is not None:
-        head.register_load_state_dict_post_hook(lambda module, _keys: refresh_hard_sampler(module, None))
+    hard = RECIPE.hard
+    if hard is not None:
+        head.register_load_state_dict_post_hook(lambda module, _keys: hard.refresh(module, None))
     return head
 
 
@@ -113,35 +118,33 @@ def _feed_norms(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def build_sampler(cfg: Any) -> Optional[Callable]:
-    """None (upstream's DistributedSampler) unless ``cfg.sampler`` is ``"pk"`` or ``"hard"``;
-    then a factory ``(dataset, num_replicas, rank, seed) -> PKSampler | HardPKSampler`` that
-    dataset.py calls."""
+    """None (upstream's DistributedSampler) unless ``cfg.sampler`` names one of the plugin's
+    samplers (``data.sampler.SAMPLER_CLASSES``: ``"pk"``, ``"hard"``); then a factory
+    ``(dataset, num_replicas, rank, seed) -> sampler`` that dataset.py calls. A hard sampler is
+    kept, with its refresh settings, as ``RECIPE.hard``."""
+    from otface_plugin.data.sampler import SAMPLER_CLASSES
+
     kind = cfg.get("sampler", "distributed")
-    _HARD.clear()
-    if kind not in ("pk", "hard"):
+    RECIPE.hard = None
+    if kind not in SAMPLER_CLASSES:
         return None
+    cls = SAMPLER_CLASSES[kind]
     batch_size, num_instances, num_image = cfg.batch_size, cfg.num_instances, cfg.get("num_image")
     hard = hard_options(cfg.get("hard") or {}) if kind == "hard" else None
     lead = refresh_lead(cfg.get("num_workers", 2))
 
     def make(dataset, num_replicas: int, rank: int, seed: int):
-        from otface_plugin.data import HardPKSampler, PKSampler
-
         # num_image: as many steps per epoch as upstream's sampler, so the LR schedule holds
-        common = dict(batch_size=batch_size, num_instances=num_instances, num_replicas=num_replicas,
-                      rank=rank, seed=seed, num_image=num_image)
-        if hard is None:
-            return PKSampler(identity_index(dataset), **common)
-        sampler = HardPKSampler(identity_index(dataset), neighbours=hard["neighbours"],
-                                hard_fraction=hard["hard_fraction"], **common)
-        _HARD.update(sampler=sampler, refresh_steps=hard["refresh_steps"], lead=lead)
+        options = dict(batch_size=batch_size, num_instances=num_instances, num_replicas=num_replicas,
+                       rank=rank, seed=seed, num_image=num_image)
+        if hard is not None:
+            options.update(neighbours=hard["neighbours"], hard_fraction=hard["hard_fraction"])
+        sampler = cls(identity_index(dataset), **options)
+        if hard is not None:
+            RECIPE.hard = HardRefresh(sampler, hard["refresh_steps"], lead)
         return sampler
 
     return make
-
-
-# The hard sampler of this process (train_v2.py builds one loader) and its refresh settings.
-_HARD: dict = {}
 
 
 def refresh_lead(num_workers: int) -> int:
@@ -172,50 +175,64 @@ def gather_class_centres(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def neighbour_table(sampler, centres: torch.Tensor) -> np.ndarray:
-    """The sampler's neighbour table, each rank searching a slice of the identities; the slices
-    are all-gathered, so every rank gets the same table."""
-    from otface_plugin.data.neighbours import topk_cosine
+@dataclass
+class HardRefresh:
+    """A hard sampler and when the recipe refreshes it: every ``refresh_steps`` steps and at each
+    epoch end, in effect ``lead`` steps later (the loader has planned that far ahead)."""
 
-    rows = sampler.centre_rows(centres)
-    if not (distributed.is_available() and distributed.is_initialized()):
-        return sampler.table_from_topk(topk_cosine(rows, sampler.table_width)[0])
-    world, rank = distributed.get_world_size(), distributed.get_rank()
-    bounds = np.linspace(0, rows.shape[0], world + 1).astype(int)
-    idx, _ = topk_cosine(rows, sampler.table_width, rows=(int(bounds[rank]), int(bounds[rank + 1])))
-    padded = torch.full((int(np.diff(bounds).max()), sampler.table_width), -1, dtype=torch.int64,
-                        device=centres.device)
-    padded[:len(idx)] = idx.to(centres.device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    distributed.all_gather(parts, padded)
-    idx = torch.cat([p[:n] for p, n in zip(parts, np.diff(bounds))]).cpu()
-    return sampler.table_from_topk(idx)
+    sampler: Any  # HardPKSampler
+    refresh_steps: int
+    lead: int
+
+    def due(self, global_step: int) -> bool:
+        return not (global_step % self.refresh_steps and global_step % self.sampler.steps_per_epoch)
+
+    def maybe_refresh(self, head: torch.nn.Module, global_step: int) -> None:
+        if self.due(global_step):
+            self.refresh(head, global_step)
+
+    def refresh(self, head: torch.nn.Module, global_step: Optional[int]) -> None:
+        """Gather the class centres, search their neighbours (split over the ranks) and update
+        the sampler on every rank alike; ``global_step`` None: at a resume, for the next epoch.
+        A refresh changes the steps from ``lead`` on (or the next epoch), so the loader's workers
+        and prefetched batches stay as they are."""
+        sampler, steps = self.sampler, self.sampler.steps_per_epoch
+        partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
+        start = time.perf_counter()
+        with torch.no_grad():
+            table = sampler.neighbour_table(gather_class_centres(partial_fc.weight), sharded=True)
+        seconds = time.perf_counter() - start
+        from_step = None if global_step is None else (global_step - 1) % steps + 1 + self.lead
+        sampler.update_neighbours(table, from_step)
+        if (distributed.get_rank() if distributed.is_initialized() else 0) == 0:
+            when = (f"step {from_step} of this epoch" if from_step is not None and from_step < steps
+                    else "the next epoch")
+            logging.info("HardPKSampler refresh at global step %s: %d identities, neighbours in %.3f s, "
+                         "table %s, in effect from %s", "resume" if global_step is None else global_step,
+                         len(table), seconds, hashlib.sha1(table.tobytes()).hexdigest()[:12], when)
+
+
+class RecipeState:
+    """What this process's call sites share: the hard sampler's refresh (None without one). One
+    instance, :data:`RECIPE`; :func:`build_sampler` resets it."""
+
+    def __init__(self) -> None:
+        self.hard: Optional[HardRefresh] = None
+
+
+RECIPE = RecipeState()
 
 
 def refresh_hard_sampler(head: torch.nn.Module, global_step: Optional[int]) -> None:
-    """Every ``hard.refresh_steps`` steps and at each epoch end (``global_step``), or at a resume
-    (``None``): gather the class centres, search their neighbours and update the hard sampler
-    on every rank alike. A refresh changes the steps from ``refresh_lead`` on (or the next epoch),
-    so the loader's workers and prefetched batches stay as they are."""
-    sampler = _HARD.get("sampler")
-    if sampler is None:
+    """The hard sampler's refresh if one is due at ``global_step`` (``None``: a resume, always);
+    no-op without a hard sampler."""
+    hard = RECIPE.hard
+    if hard is None:
         return
-    steps = sampler.steps_per_epoch
-    if global_step is not None and global_step % _HARD["refresh_steps"] and global_step % steps:
-        return
-    partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
-    start = time.perf_counter()
-    with torch.no_grad():
-        table = neighbour_table(sampler, gather_class_centres(partial_fc.weight))
-    seconds = time.perf_counter() - start
-    from_step = None if global_step is None else (global_step - 1) % steps + 1 + _HARD["lead"]
-    sampler.update_neighbours(table, from_step)
-    if (distributed.get_rank() if distributed.is_initialized() else 0) == 0:
-        when = (f"step {from_step} of this epoch" if from_step is not None and from_step < steps
-                else "the next epoch")
-        logging.info("HardPKSampler refresh at global step %s: %d identities, neighbours in %.3f s, "
-                     "table %s, in effect from %s", "resume" if global_step is None else global_step,
-                     len(table), seconds, hashlib.sha1(table.tobytes()).hexdigest()[:12], when)
+    if global_step is None:
+        hard.refresh(head, None)
+    else:
+        hard.maybe_refresh(head, global_step)
 
 
 def identity_index(dataset):
@@ -239,12 +256,20 @@ WANDB_STEP = "otface/global_step"
 _WANDB_DEFINED: set = set()  # ids of the wandb runs whose otface metrics are defined
 
 
-def log_components(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
-    """The per-step call (every rank, after every step): refreshes a hard sampler
-    (:func:`refresh_hard_sampler`), then, every ``frequent`` steps, writes the OTFace loss parts
-    into the training log, tensorboard and, with ``using_wandb``, the recipe's wandb run (rank 0;
-    the values are rank 0's local batch). No-op for upstream heads and samplers."""
+def after_step(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
+    """The per-step call (every rank, after every step): the hard sampler's refresh when due
+    (:class:`HardRefresh`), then the logging (:func:`log_step`). No-op for upstream heads and
+    samplers."""
     refresh_hard_sampler(head, global_step)
+    log_step(head, global_step, frequent, writer)
+
+
+log_components = after_step  # the name the patched train_v2.py calls (patches/20-otface-hooks.patch)
+
+
+def log_step(head: torch.nn.Module, global_step: int, frequent: int, writer=None) -> None:
+    """Every ``frequent`` steps, the OTFace loss parts into the training log, tensorboard and,
+    with ``using_wandb``, the recipe's wandb run (rank 0; the values are rank 0's local batch)."""
     if not isinstance(head, OTFaceHead) or global_step % max(int(frequent), 1):
         return
     rank = distributed.get_rank() if distributed.is_initialized() else 0

@@ -1,4 +1,8 @@
-"""The upstream version the patches are made against.
+"""The upstream version the patches are made against: the one place that names it.
+
+Tests (``tests/conftest.py``), benchmarks, the CI scripts and the docs read the commit and the
+shared export's directory name from here; shell scripts through
+``python -m otface_plugin.arcface_torch.pins export`` (this module imports nothing).
 
 Git blob ids (``git hash-object FILE``) of every file the patches touch, at the pinned commit.
 The arcface_torch training code is unchanged since ab27f4d6 (2023-04-08), so any checkout whose
@@ -6,7 +10,10 @@ files have these ids is accepted, whatever its commit.
 """
 UPSTREAM_REPO = "deepinsight/insightface"
 UPSTREAM_COMMIT = "7fadd420c2351d0ffa8cac403421c1a3ed733365"
+UPSTREAM_SHORT = UPSTREAM_COMMIT[:8]
 UPSTREAM_SUBDIR = "recognition/arcface_torch"
+# the pristine export of UPSTREAM_SUBDIR laid beside a checkout, at ../shared/upstream/<this>
+SHARED_EXPORT = f"arcface_torch-{UPSTREAM_SHORT}"
 
 UPSTREAM_BLOBS = {
     "dataset.py": "6cdbdcf056786c46395cc0dd60a8db0c79bc7f5b",
@@ -26,3 +33,13 @@ UPSTREAM_UNPATCHED_BLOBS = {
     "utils/utils_callbacks.py": "d9368073f8bc091b28e7325a9099881dfc5f54cd",
     "utils/utils_logging.py": "c787b6aae7cd037a4718df44d672b8ffa9e5c249",
 }
+
+_PRINTABLE = {"commit": UPSTREAM_COMMIT, "short": UPSTREAM_SHORT, "export": SHARED_EXPORT,
+              "repo": UPSTREAM_REPO, "subdir": UPSTREAM_SUBDIR}
+
+if __name__ == "__main__":  # python -m otface_plugin.arcface_torch.pins {commit|short|export|repo|subdir}
+    import sys
+
+    if len(sys.argv) != 2 or sys.argv[1] not in _PRINTABLE:
+        sys.exit(f"usage: python -m otface_plugin.arcface_torch.pins {{{'|'.join(_PRINTABLE)}}}")
+    print(_PRINTABLE[sys.argv[1]])

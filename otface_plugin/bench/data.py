@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -20,7 +19,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from otface_plugin.data import HardPKSampler, IdentityIndex, MXIndexedRecordIO, PKSampler
+from otface_plugin.data import IdentityIndex, MXIndexedRecordIO
+from otface_plugin.data.sampler import SAMPLER_CLASSES
 from otface_plugin.data.dataset import read_image_record
 from otface_plugin.data.folders import read_identity_list, write_identity_list
 from otface_plugin.data.imagecodec import decode_image
@@ -263,16 +263,8 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-SAMPLERS = ("pk", "hard")  # the study's batch plans: PKSampler, HardPKSampler
+SAMPLERS = tuple(SAMPLER_CLASSES)  # the study's batch plans: "pk" (PKSampler), "hard" (HardPKSampler)
 HARD_REFRESH_STEPS = 20  # sampler "hard": class centres re-read every this many steps
-
-
-def pk_batches(*args: Any, **kwargs: Any) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Deprecated name of :func:`train_batches` (it serves ``sampler="hard"`` too, and
-    ``otface_plugin.demo`` has its own, unrelated ``pk_batches``)."""
-    warnings.warn("otface_plugin.bench.data.pk_batches is deprecated; use train_batches",
-                  DeprecationWarning, stacklevel=2)
-    return train_batches(*args, **kwargs)
 
 
 def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: int,
@@ -287,7 +279,7 @@ def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: in
     loop plans no step ahead)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    cls = HardPKSampler if sampler == "hard" else PKSampler
+    cls = SAMPLER_CLASSES[sampler]
     plan = cls(train.index, batch_size, num_instances=K, num_replicas=1, rank=0, seed=seed)
     g = torch.Generator().manual_seed(seed)
     done, epoch = 0, 0

@@ -2,10 +2,13 @@
 (loss, seed, ablation variant, sampler). Both routes train from these; the run key hashes them."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
+from otface_plugin.data.sampler import DEFAULT_NUM_INSTANCES
 from otface_plugin.losses.head import HEADS
+from otface_plugin.losses.otface import OTFaceLoss
 
 __all__ = ["LOSSES", "LOSS_CHOICES", "TrainConfig", "OTFACE_DEFAULTS", "RunSpec"]
 
@@ -20,7 +23,7 @@ class TrainConfig:
 
     steps: int = 600
     P: int = 8
-    K: int = 4
+    K: int = DEFAULT_NUM_INSTANCES
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -36,9 +39,11 @@ class TrainConfig:
         return self.P * self.K
 
 
-# OTFace options of the study (README defaults, except warm-up in steps of this budget).
-OTFACE_DEFAULTS: Dict[str, Any] = {"lambda_ot": 0.1, "eps": 0.05, "feature": "conv",
-                                   "triplet_mode": "hard"}
+# OTFace options of the study: OTFaceLoss's own defaults, read from its signature (warm-up is set
+# in steps of the study's budget). These values go into the run keys.
+OTFACE_OPTIONS = ("lambda_ot", "eps", "feature", "triplet_mode")
+OTFACE_DEFAULTS: Dict[str, Any] = {name: inspect.signature(OTFaceLoss).parameters[name].default
+                                   for name in OTFACE_OPTIONS}
 
 
 @dataclass

@@ -38,8 +38,8 @@ import numpy as np
 from otface_plugin.atomicfile import atomic_file
 from otface_plugin.data.errors import RecordIOError
 from otface_plugin.data.layout import FLOAT32_EXACT, parse_header
-from otface_plugin.data.recordio import (FRAME_HEADER_SIZE, IR_HEADER_SIZE, MAGIC,
-                                         MXIndexedRecordIO, split_lrec, unpack)
+from otface_plugin.data.recordio import (IR_FLOATS_AT, IR_HEADER_SIZE, IR_LABEL_AT, MAGIC, MXIndexedRecordIO,
+                                         frame_field, frame_fields, unpack)
 
 __all__ = ["IdentityIndex", "default_cache_dir"]
 
@@ -229,24 +229,6 @@ class IdentityIndex:
         return idx, meta
 
 
-# Where the vectorised reads find an IRHeader's fields in a one-part record: the frame header,
-# then the IRHeader (flag, scalar label, id, id2), then ``flag`` float32 labels.
-_FLAG_AT = FRAME_HEADER_SIZE
-_LABEL_AT = FRAME_HEADER_SIZE + 4
-_FLOATS_AT = FRAME_HEADER_SIZE + IR_HEADER_SIZE
-
-
-def _field(raw: np.ndarray, at: int, dtype: str = "<u4") -> np.ndarray:
-    """The 4-byte field at byte ``at`` of every row of ``raw`` (one row per record)."""
-    return raw[:, at:at + 4].copy().view(dtype)[:, 0]
-
-
-def _frame_fields(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(magic, cflag, length, IRHeader flag) of the records whose first bytes are ``raw``'s rows."""
-    cflag, length = split_lrec(_field(raw, 4))
-    return _field(raw, 0), cflag, length, _field(raw, _FLAG_AT)
-
-
 class _Builder:
     """Reads a .rec/.idx pair into an IdentityIndex (header ranges, else cached label scan)."""
 
@@ -305,12 +287,12 @@ class _Builder:
                                 f"[{first}, {end})")
         pos = self.reader.offsets_of(np.arange(first, end, dtype=np.int64), "identity record")
         # An identity record is the frame header + IRHeader + 2 float32 labels.
-        width = _FLOATS_AT + 8
+        width = IR_FLOATS_AT + 8
         if pos.max() + width > self.size:
             raise RecordIOError(f"{self.rec}: identity records run past the end of the file")
         raw = self._gather(pos, width)
-        magic, cflag, length, flag = _frame_fields(raw)
-        rng = raw[:, _FLOATS_AT:width].copy().view("<f4")
+        magic, cflag, length, flag = frame_fields(raw)
+        rng = raw[:, IR_FLOATS_AT:width].copy().view("<f4")
         bad = np.flatnonzero(magic != MAGIC)
         if len(bad):
             k = first + int(bad[0])
@@ -359,18 +341,18 @@ class _Builder:
         n = len(pos)
         labels = np.zeros(n, dtype=np.float64)
         valid = np.ones(n, dtype=bool)
-        width = _FLOATS_AT + 4  # up to the first float label
+        width = IR_FLOATS_AT + 4  # up to the first float label
         fast = pos + width <= self.size
         fi = np.flatnonzero(fast)
         raw = self._gather(pos[fi], width)
-        magic, cflag, length, flag = _frame_fields(raw)
+        magic, cflag, length, flag = frame_fields(raw)
         bad = np.flatnonzero(magic != MAGIC)
         if len(bad):
             i = fi[bad[0]]
             raise RecordIOError(f"{self.rec}: record {int(keys[i])} at byte {int(pos[i])}: bad "
                                 f"magic 0x{int(magic[bad[0]]):08x} (.idx does not match .rec?)")
-        scalar = _field(raw, _LABEL_AT, "<f4")
-        first_float = _field(raw, _FLOATS_AT, "<f4")
+        scalar = frame_field(raw, IR_LABEL_AT, "<f4")
+        first_float = frame_field(raw, IR_FLOATS_AT, "<f4")
         need = np.where(flag > 0, IR_HEADER_SIZE + 4, IR_HEADER_SIZE)
         simple = (cflag == 0) & (length >= need) | (cflag == 1) & (length >= need)
         labels[fi] = np.where(flag > 0, first_float, scalar)

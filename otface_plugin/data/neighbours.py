@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["topk_cosine", "DEFAULT_CHUNK"]
+__all__ = ["topk_cosine", "topk_cosine_sharded", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = (4096, 16384)  # rows x cols: 256 MB of fp32 similarities per tile
 
@@ -69,6 +69,27 @@ def topk_cosine(centres: torch.Tensor, k: int, *, rows: Optional[Tuple[int, int]
         out_idx[q0 - start:q1 - start] = best_idx.cpu()
         out_sim[q0 - start:q1 - start] = best_sim.cpu()
     return out_idx, out_sim
+
+
+def topk_cosine_sharded(centres: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_cosine`'s indices for all rows, each rank of an initialised process group
+    searching a contiguous slice of them; the slices are all-gathered, so every rank gets the
+    same (N, k) indices (on the CPU). A collective: every rank must call it. Without a process
+    group it is ``topk_cosine(centres, k)[0]``."""
+    from torch import distributed
+
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return topk_cosine(centres, k)[0]
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    n = centres.shape[0]
+    bounds = [n * r // world for r in range(world + 1)]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    idx, _ = topk_cosine(centres, k, rows=(bounds[rank], bounds[rank + 1]))
+    padded = torch.full((max(sizes), k), -1, dtype=torch.int64, device=centres.device)
+    padded[:len(idx)] = idx.to(centres.device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    distributed.all_gather(parts, padded)
+    return torch.cat([p[:m] for p, m in zip(parts, sizes)]).cpu()
 
 
 def _unit(centres: torch.Tensor, inv: torch.Tensor, a: int, b: int, device, dtype) -> torch.Tensor:

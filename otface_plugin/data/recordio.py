@@ -603,6 +603,26 @@ _IR_FORMAT = "<IfQQ"  # mxnet uses native 'IfQQ': identical bytes on little-endi
 IR_HEADER_SIZE = struct.calcsize(_IR_FORMAT)
 """Bytes of a packed :data:`IRHeader` (in front of the float labels and the payload)."""
 
+# Where a one-part record's fields lie from the start of its frame, for reading many records
+# at once from a memory map (identity_index.py): the frame header (magic, lrec), then the
+# IRHeader (flag, scalar label, id, id2), then ``flag`` float32 labels.
+FRAME_MAGIC_AT = 0
+FRAME_LREC_AT = struct.calcsize("<I")
+IR_FLAG_AT = FRAME_HEADER_SIZE
+IR_LABEL_AT = FRAME_HEADER_SIZE + struct.calcsize(_IR_FORMAT[:2])  # after the flag ("<I")
+IR_FLOATS_AT = FRAME_HEADER_SIZE + IR_HEADER_SIZE
+
+
+def frame_field(raw: np.ndarray, at: int, dtype: str = "<u4") -> np.ndarray:
+    """The 4-byte field at byte ``at`` of every row of ``raw`` (one row of bytes per record)."""
+    return raw[:, at:at + 4].copy().view(dtype)[:, 0]
+
+
+def frame_fields(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(magic, cflag, length, IRHeader flag) of the records whose first bytes are ``raw``'s rows."""
+    cflag, length = split_lrec(frame_field(raw, FRAME_LREC_AT))
+    return frame_field(raw, FRAME_MAGIC_AT), cflag, length, frame_field(raw, IR_FLAG_AT)
+
 
 def pack(header: Any, s: BytesLike) -> bytes:
     """Header + payload -> record bytes. A non-scalar label is stored as ``flag`` float32 values

@@ -23,6 +23,7 @@ class centres it is given (see its docstring).
 """
 from __future__ import annotations
 
+import numbers
 import threading
 from typing import Iterator, List, Optional
 
@@ -33,7 +34,24 @@ from torch.utils.data import Sampler
 
 from otface_plugin.data.identity_index import IdentityIndex
 
-__all__ = ["HardPKSampler", "PKBatchSampler", "PKSampler"]
+__all__ = ["DEFAULT_NUM_INSTANCES", "HARD_OPTION_RULES", "HardPKSampler", "PKBatchSampler", "PKSampler",
+           "SAMPLER_CLASSES", "check_hard_option"]
+
+DEFAULT_NUM_INSTANCES = 4  # K, images per identity in a P x K batch (the recipe's and the study's default)
+
+# HardPKSampler's own options -> (accepted types, what a valid value is, test): the one range check,
+# which the sampler applies and the recipe's config check reports under ``hard.<name>``
+HARD_OPTION_RULES = {
+    "neighbours": ((int,), "an integer >= 1", lambda v: v >= 1),
+    "hard_fraction": ((numbers.Real,), "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+}
+
+
+def check_hard_option(name: str, value) -> None:
+    """ValueError ``"<name> must be <what>, got <value>"`` unless ``value`` is valid for ``name``."""
+    types, what, ok = HARD_OPTION_RULES[name]
+    if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _dist_default(num_replicas: Optional[int], rank: Optional[int]):
@@ -62,7 +80,7 @@ class PKSampler(Sampler[int]):
             "drop" (never draw them).
     """
 
-    def __init__(self, index: IdentityIndex, batch_size: int, num_instances: int = 4,
+    def __init__(self, index: IdentityIndex, batch_size: int, num_instances: int = DEFAULT_NUM_INSTANCES,
                  num_replicas: Optional[int] = None, rank: Optional[int] = None, seed: int = 0,
                  num_image: Optional[int] = None, small_identities: str = "replace"):
         if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
@@ -259,16 +277,14 @@ class HardPKSampler(PKSampler):
 
     TABLE_FACTOR = 4  # neighbours kept per identity: spares for those already used in a step
 
-    def __init__(self, index: IdentityIndex, batch_size: int, num_instances: int = 4,
+    def __init__(self, index: IdentityIndex, batch_size: int, num_instances: int = DEFAULT_NUM_INSTANCES,
                  num_replicas: Optional[int] = None, rank: Optional[int] = None, seed: int = 0,
                  num_image: Optional[int] = None, neighbours: int = 3, hard_fraction: float = 0.5,
                  small_identities: str = "replace"):
         super().__init__(index, batch_size, num_instances, num_replicas, rank, seed, num_image,
                          small_identities)
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
-            raise ValueError(f"neighbours must be an integer >= 1, got {neighbours!r}")
-        if not 0.0 <= float(hard_fraction) <= 1.0:
-            raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction!r}")
+        check_hard_option("neighbours", neighbours)
+        check_hard_option("hard_fraction", hard_fraction)
         self.neighbours = neighbours
         self.hard_fraction = float(hard_fraction)
         self.hard_per_batch = int(self.hard_fraction * self.num_identities_per_batch + 0.5)
@@ -293,10 +309,14 @@ class HardPKSampler(PKSampler):
         table[self._eligible] = self._eligible[np.asarray(topk, dtype=np.int64)]
         return table
 
-    def neighbour_table(self, weight) -> np.ndarray:
-        from otface_plugin.data.neighbours import topk_cosine
+    def neighbour_table(self, weight, sharded: bool = False) -> np.ndarray:
+        """The neighbour table of these (num_classes, D) class centres. ``sharded``: the search
+        split over the ranks of the process group and all-gathered (a collective: every rank
+        calls it, and gets the same table), as the recipe's refresh does."""
+        from otface_plugin.data.neighbours import topk_cosine, topk_cosine_sharded
 
-        idx, _ = topk_cosine(self.centre_rows(weight), self.table_width)
+        rows = self.centre_rows(weight)
+        idx = topk_cosine_sharded(rows, self.table_width) if sharded else topk_cosine(rows, self.table_width)[0]
         return self.table_from_topk(idx)
 
     def update_centres(self, weight, from_step: Optional[int] = None) -> None:
@@ -386,3 +406,8 @@ class PKBatchSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         flat = self.sampler.epoch_indices().reshape(-1, self.sampler.batch_size)
         return iter(flat.tolist())
+
+
+# sampler name -> class: the P x K samplers a recipe config (``sampler:``) and the study
+# (``otface-bench --sampler``) can name; the recipe adds upstream's "distributed"
+SAMPLER_CLASSES = {"pk": PKSampler, "hard": HardPKSampler}

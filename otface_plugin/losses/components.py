@@ -42,9 +42,13 @@ def _words(label: str) -> str:
     return r"\s+".join(re.escape(word) for word in label.split())
 
 
+# fields a line written before the gradient-share diagnostic lacks: parsed as NaN when absent
+_LATER = ("grad_share", "grad_cos")
+_EARLY = [f for f in _FIELDS if f[1] not in _LATER]
 # any run of white space where the format has spaces: a log viewer may have re-spaced the line
 LOG_LINE = re.compile(r"\s+".join(
-    [_words(LOG_PREFIX), *(rf"{_words(label)}\s+({value})" for label, _, _, value in _FIELDS)]))
+    [_words(LOG_PREFIX), *(rf"{_words(label)}\s+({value})" for label, _, _, value in _EARLY)])
+    + "(?:" + "".join(rf"\s+{_words(label)}\s+({value})" for label, key, _, value in _FIELDS if key in _LATER) + ")?")
 
 
 def format_components(global_step: int, components: Mapping[str, float]) -> str:
@@ -59,6 +63,7 @@ def parse_components(text: str) -> Dict[int, Dict[str, float]]:
     """Global step -> components of every :func:`format_components` line in ``text`` (the last
     line of a step wins)."""
     rows: Dict[int, Dict[str, float]] = {}
+    order = [f[1] for f in _EARLY[1:]] + [f[1] for f in _FIELDS if f[1] in _LATER]
     for m in LOG_LINE.finditer(text):
-        rows[int(m.group(1))] = {key: float(v) for (_, key, _, _), v in zip(_FIELDS[1:], m.groups()[1:])}
+        rows[int(m.group(1))] = {key: float("nan") if v is None else float(v) for key, v in zip(order, m.groups()[1:])}
     return rows

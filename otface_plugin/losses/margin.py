@@ -109,7 +109,7 @@ class MarginSoftmaxLoss(torch.nn.Module):
     """
 
     # margin_logits' options and defaults, as nn.CrossEntropyLoss mirrors F.cross_entropy
-    # (tests/test_losses.py checks that the two signatures agree)
+    # (tests/losses/test_losses.py checks that the two signatures agree)
     def __init__(self, num_classes: int, embedding_size: int = 512, s: float = 64.0, m1: float = 1.0,
                  m2: float = 0.5, m3: float = 0.0, interclass_filtering_threshold: float = 0.0,
                  grad: str = "recipe") -> None:

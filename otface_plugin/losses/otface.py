@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -22,7 +21,7 @@ from otface_plugin.losses.head import HEADS
 from otface_plugin.losses.margin import MarginSoftmaxLoss, margin_triple
 from otface_plugin.mining import (TRIPLET_MODES, Triplets, check_triplets, hardest_pairs, mine_triplets,
                                   misclassified_mask, require_finite)
-from otface_plugin.ot import KERNEL_SPAN_LIMIT, cosine_cost, sinkhorn
+from otface_plugin.ot import cosine_cost, pick_method, sinkhorn
 from otface_plugin.registry import register_loss
 
 __all__ = ["OTFaceLoss", "OTFaceTerm"]
@@ -93,8 +92,8 @@ class OTFaceTerm(torch.nn.Module):
         self.eps_start, self.max_triplets = eps_start, max_triplets
         self.ot_compile = ot_compile
         # Cosine costs have a known span, so the solver's method is fixed without a host sync.
-        small_span = COSINE_COST_SPAN / self.eps <= KERNEL_SPAN_LIMIT[torch.float32]
-        self.method = "scaling" if small_span else "lse"
+        self.method = pick_method(COSINE_COST_SPAN, self.eps)
+        small_span = self.method == "scaling"
         self.loop = OT_COMPILE[ot_compile] if small_span else "eager"
         self.last: Dict[str, torch.Tensor | float] = {}
 
@@ -204,8 +203,8 @@ class OTFaceLoss(torch.nn.Module):
     function returning the margin-softmax loss; inside arcface_torch: its PartialFC_V2), else an
     own :class:`MarginSoftmaxLoss` built from ``num_classes``, ``embedding_size`` and ``margin``
     (``"arcface"``, ``"cosface"``, an ``(m1, m2, m3)`` tuple or a registered head such as
-    ``"adaface"``). ``margin_loss=`` is the old name of ``head=`` (deprecated); the head is
-    stored as the submodule ``margin_loss``, the name checkpoints hold, and :attr:`head` reads it.
+    ``"adaface"``). The head is stored as the submodule ``margin_loss``, the name checkpoints
+    hold, and :attr:`head` reads it.
     The other margins are the OT term's: ``triplet_margin`` (which triplets are hard) and
     ``ot_margin`` (the hinge on ``W(a,p) - W(a,n)``).
 
@@ -239,17 +238,9 @@ class OTFaceLoss(torch.nn.Module):
         grad_share: float = 0.3,
         lambda_range: tuple = (0.01, 1000.0),
         lambda_rate: float = 0.05,
-        *,
-        margin_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         **term_options,
     ) -> None:
         super().__init__()
-        if margin_loss is not None:
-            if head is not None:
-                raise TypeError("OTFaceLoss got both head= and margin_loss= (its old name); pass head= only")
-            warnings.warn("OTFaceLoss(margin_loss=...) is deprecated; pass the margin head as head=...",
-                          DeprecationWarning, stacklevel=2)
-            head = margin_loss
         self.adaptive = lambda_ot == AUTO_LAMBDA
         if not self.adaptive:
             if isinstance(lambda_ot, str):

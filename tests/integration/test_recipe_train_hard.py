@@ -4,7 +4,7 @@ import re
 
 import pytest
 from conftest import copy_upstream
-from test_integration_train import E2E_JOB, data, ot_rows, pytestmark, torchrun  # noqa: F401
+from test_recipe_train import E2E_JOB, data, ot_rows, pytestmark, torchrun  # noqa: F401
 
 from otface_plugin.arcface_torch import installer
 

@@ -179,3 +179,33 @@ def test_topk_cosine_matches_brute_force_in_small_tiles():
     assert torch.equal(part, idx[10:30])
     with pytest.raises(ValueError, match="k must be"):
         topk_cosine(x, 53)
+
+
+def _sharded_worker(rank, world, port, centres, out):
+    import torch.distributed as dist
+
+    from otface_plugin.data.neighbours import topk_cosine_sharded
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out[rank] = topk_cosine_sharded(centres, 4).numpy()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_search_gives_every_rank_the_whole_table():
+    # the recipe's refresh: each rank searches a slice of the identities (12 and 11 here), the
+    # slices are all-gathered
+    world = 2
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    centres = torch.randn(23, 6, generator=torch.Generator().manual_seed(3))
+    want = topk_cosine(centres, 4)[0].numpy()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_sharded_worker, args=(world, free_port(), centres, out), nprocs=world, join=True)
+        got = dict(out)
+    for rank in range(world):
+        np.testing.assert_array_equal(got[rank], want)

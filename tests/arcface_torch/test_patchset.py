@@ -1,5 +1,4 @@
 """The shipped patches as data: parse, apply and un-apply (no upstream checkout needed)."""
-from pathlib import Path
 
 import pytest
 
@@ -7,7 +6,7 @@ from otface_plugin.arcface_torch import patchset
 from otface_plugin.arcface_torch.patchset import PatchError, apply_file_patch, git_blob_id, parse_patch
 from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS, UPSTREAM_COMMIT
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_git_blob_id_matches_git_hash_object():

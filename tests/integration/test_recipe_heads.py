@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from conftest import copy_upstream
-from test_integration_train import FACES, data, needs_upstream, step_losses, torchrun  # noqa: F401
+from test_recipe_train import FACES, data, needs_upstream, step_losses, torchrun  # noqa: F401
 
 from otface_plugin.arcface_torch import installer
 

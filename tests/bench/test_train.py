@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from otface_plugin.bench.data import TrainSet, pk_batches, train_batches
+from otface_plugin.bench.data import TrainSet, train_batches
 from otface_plugin.bench.model import BenchNet
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, plan_runs
 from otface_plugin.bench.spec import RunSpec, TrainConfig
@@ -51,14 +51,6 @@ def test_batches_depend_only_on_the_seed():
     for x, y in a:  # P x K: 4 identities x 2 images, values in [-1, 1]
         assert sorted(torch.bincount(y).tolist()) == [2, 2, 2, 2]
         assert x.min() >= -1 and x.max() <= 1
-
-
-def test_pk_batches_is_a_deprecated_alias_of_train_batches():
-    ts = _tiny_train_set()
-    with pytest.warns(DeprecationWarning, match="use train_batches"):
-        old = list(pk_batches(ts, 8, 2, seed=5, steps=3))
-    new = list(train_batches(ts, 8, 2, seed=5, steps=3))
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(old, new))
 
 
 def test_lr_schedule_warmup_then_poly_decay():

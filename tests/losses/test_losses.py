@@ -1,18 +1,16 @@
 """Margin heads (against a reference derivation and, when available, the recipe's own code)
 and the OTFace loss."""
-import importlib.util
 import math
 
 import numpy as np
 import pytest
-from conftest import NO_UPSTREAM, UPSTREAM
 import torch
 import torch.nn.functional as F
 
 from otface_plugin.features import FeatureCapture
 from otface_plugin.losses import OTFaceLoss, OTFaceTerm, margin_logits
 from otface_plugin.losses.components import COMPONENTS
-from helpers import TinyBackbone
+from helpers import TinyBackbone, random_cosines, recipe_losses_module
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "sphereface-like": (1.35, 0.0, 0.0),
            "combined": (1.0, 0.3, 0.2)}
@@ -25,14 +23,6 @@ def reference_logits(cos, labels, s, m1, m2, m3):
         if y >= 0:
             out[i, y] = math.cos(m1 * math.acos(cos[i, y]) + m2) - m3
     return out * s
-
-
-def random_cosines(B=16, C=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cos = torch.rand(B, C, generator=g) * 1.8 - 0.9
-    labels = torch.randint(0, C, (B,), generator=g)
-    labels[3] = -1  # a sample whose class lives on another rank
-    return cos, labels
 
 
 @pytest.mark.parametrize("name", list(MARGINS))
@@ -69,19 +59,10 @@ def test_interclass_filtering_zeroes_non_target_cosines():
     torch.testing.assert_close(out, torch.tensor([[0.5, 0.0, -0.2], [0.0, 0.1, 0.9]]))
 
 
-def _recipe_losses_module():
-    if UPSTREAM is None:
-        pytest.skip(NO_UPSTREAM)
-    spec = importlib.util.spec_from_file_location("recipe_losses", UPSTREAM / "losses.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.upstream
 @pytest.mark.parametrize("name", ["arcface", "cosface"])
 def test_equal_to_recipe_combined_margin_loss(name):
-    recipe = _recipe_losses_module()
+    recipe = recipe_losses_module()
     m1, m2, m3 = MARGINS[name]
     cos, labels = random_cosines(seed=3)
     theirs_in = cos.clone().requires_grad_()
@@ -308,7 +289,7 @@ def test_components_log_line_round_trip():
     assert tuple(c) == COMPONENTS and PARTS == COMPONENTS[1:]
     assert c["grad_share"] > 0 and math.isfinite(c["grad_cos"])
     line = format_components(120, c)
-    # the line train_v2.py has always written, with the gradient share at the end (tests/test_integration_train.py
+    # the line train_v2.py has always written, with the gradient share at the end (tests/integration/test_recipe_train.py
     # reads it too)
     assert line == ("OTFace   Global Step: 120   Loss %.4f   Margin %.4f   OT %.4f   Lambda %.4f   HardTriplets %d   "
                     "W(a,p) %.4f   W(a,n) %.4f   GradShare %.4f   GradCos %.4f"
@@ -322,17 +303,15 @@ def test_components_log_line_round_trip():
     assert math.isnan(rows[7]["ot"]) and rows[7]["w_an"] == -math.inf
 
 
-def test_margin_loss_keyword_is_a_deprecated_name_of_head():
-    head = torch.nn.Linear(8, 1)  # any module: its parameters stay under margin_loss.* in the state dict
-    new = OTFaceLoss(head=head, feature="embedding")
-    with pytest.warns(DeprecationWarning, match="head="):
-        old = OTFaceLoss(margin_loss=head, feature="embedding")
-    assert new.head is head and old.head is head and old.margin_loss is head
-    assert list(new.state_dict()) == list(old.state_dict()) and "margin_loss.weight" in new.state_dict()
-    with pytest.raises(TypeError, match="both head= and margin_loss="):
-        OTFaceLoss(head=head, margin_loss=head)
-    with pytest.warns(DeprecationWarning):
-        assert build_loss_otface(margin_loss=head).head is head
+def test_head_is_stored_under_the_checkpoint_name_margin_loss():
+    # the deprecated margin_loss= keyword is gone (0.1, no users); the submodule keeps its name,
+    # so state dict keys (margin_loss.*) and checkpoints stay as they were
+    head = torch.nn.Linear(8, 1)
+    loss = OTFaceLoss(head=head, feature="embedding")
+    assert loss.head is head and loss.margin_loss is head and "margin_loss.weight" in loss.state_dict()
+    assert build_loss_otface(head=head).head is head
+    with pytest.raises(TypeError, match="margin_loss"):
+        OTFaceLoss(head=head, margin_loss=head, feature="embedding")
 
 
 def build_loss_otface(**options):

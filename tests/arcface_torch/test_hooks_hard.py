@@ -9,7 +9,7 @@ from easydict import EasyDict as edict
 
 from otface_plugin.arcface_torch import build_head, build_sampler, log_components, prepare_config
 from otface_plugin.arcface_torch.config import ConfigError, check_job
-from otface_plugin.arcface_torch.hooks import _HARD, refresh_lead
+from otface_plugin.arcface_torch.hooks import RECIPE, refresh_lead
 from otface_plugin.data import HardPKSampler
 
 GROUPS, GROUP, IMAGES = 12, 4, 8  # 48 identities in tight groups of 4, 8 images each
@@ -51,7 +51,7 @@ def test_refresh_hook_updates_the_sampler(loss, caplog):
     cfg = cfg_for(loss, otface=edict(feature="embedding")) if loss == "otface" else cfg_for(loss)
     assert cfg.sampler == "hard" and cfg.hard == {"neighbours": 3, "hard_fraction": 0.5, "refresh_steps": 2}
     sampler = build_sampler(cfg)(FolderLike(), num_replicas=1, rank=0, seed=0)
-    assert isinstance(sampler, HardPKSampler) and _HARD["sampler"] is sampler
+    assert isinstance(sampler, HardPKSampler) and RECIPE.hard.sampler is sampler
     pfc = PartialFCLike()
     head = build_head(cfg, pfc, torch.nn.Identity())
     assert (head is pfc) == (loss != "otface")
@@ -76,7 +76,6 @@ def test_checkpoint_load_refreshes_for_the_next_epoch(caplog):
     sampler = build_sampler(cfg)(FolderLike(), num_replicas=1, rank=0, seed=0)
     head = build_head(cfg, PartialFCLike(seed=1), torch.nn.Identity())
     trained = build_head(cfg, PartialFCLike(seed=0), torch.nn.Identity()).state_dict()
-    _HARD["sampler"] = sampler  # the second build_head saw the same sampler
     with caplog.at_level(logging.INFO):
         head.load_state_dict(trained)
     assert "refresh at global step resume" in caplog.text and "the next epoch" in caplog.text
@@ -88,9 +87,9 @@ def test_checkpoint_load_refreshes_for_the_next_epoch(caplog):
 
 def test_upstream_sampler_leaves_no_hard_state():
     build_sampler(cfg_for("otface", otface=edict(feature="embedding")))(FolderLike(), 1, 0, 0)
-    assert _HARD
+    assert RECIPE.hard is not None
     cfg = edict(margin_list=(1.0, 0.5, 0.0), batch_size=16, dali=False, loss="arcface")
-    assert build_sampler(prepare_config(cfg)) is None and not _HARD
+    assert build_sampler(prepare_config(cfg)) is None and RECIPE.hard is None
 
 
 @pytest.mark.parametrize("job, message", [
@@ -112,3 +111,22 @@ def test_hard_options_need_sampler_hard():
     cfg = edict(margin_list=(1.0, 0.5, 0.0), batch_size=16, dali=True, sampler="hard")
     with pytest.raises(ConfigError, match="'hard' does not work with dali"):
         prepare_config(cfg)
+
+
+def test_after_step_is_refresh_then_logging_and_log_components_is_it():
+    from otface_plugin.arcface_torch import after_step, hooks
+
+    assert log_components is after_step is hooks.log_components
+    cfg = cfg_for("otface", otface=edict(feature="embedding"))
+    sampler = build_sampler(cfg)(FolderLike(), num_replicas=1, rank=0, seed=0)
+    head = build_head(cfg, PartialFCLike(), torch.nn.Identity())
+    hard = hooks.RECIPE.hard
+    assert hard.sampler is sampler and hard.refresh_steps == 2 and hard.lead == refresh_lead(0)
+    assert [s for s in range(1, 7) if hard.due(s)] == [s for s in range(1, 7) if s % 2 == 0 or
+                                                       s % sampler.steps_per_epoch == 0]
+    after_step(head, 2, cfg.frequent)
+    assert sampler._table is not None
+    # a pk sampler: nothing to refresh, the call still logs
+    pk = cfg_for("otface", otface=edict(feature="embedding"), sampler="pk", hard=None)
+    build_sampler(pk)(FolderLike(), 1, 0, 0)
+    assert hooks.RECIPE.hard is None

@@ -1,6 +1,5 @@
 """YAML job configs and the checks of the plugin's config keys (no upstream checkout needed)."""
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
@@ -9,7 +8,7 @@ from easydict import EasyDict as edict
 from otface_plugin.arcface_torch.config import ConfigError, check_job, load_yaml_config, prepare_config
 from otface_plugin.registry import UnknownLossError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def base_config():
@@ -226,3 +225,35 @@ def test_sampler_rejects_one_identity_per_batch():
     with pytest.raises(ValueError, match=r"batch_size \(8\) equals num_instances K: each batch would hold one identity"):
         PKSampler(index, batch_size=8, num_instances=8, num_replicas=1, rank=0)
     assert len(PKSampler(index, batch_size=16, num_instances=8, num_replicas=1, rank=0)) > 0
+
+
+def test_otface_block_is_validated_once_per_job(tmp_path, monkeypatch):
+    # the YAML route checks the job on load and again in prepare_config: the loss is built to check
+    # the values once (it was twice, then a third time in build_head), and build_head builds the real one
+    import functools
+
+    from otface_plugin.arcface_torch import build_head, config
+    from otface_plugin.losses import otface
+
+    built = []
+    real = otface.OTFaceLoss.__init__
+
+    @functools.wraps(real)
+    def counting(self, *args, **kwargs):
+        built.append(kwargs.get("eps"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(otface.OTFaceLoss, "__init__", counting)
+    monkeypatch.setattr(config, "_CHECKED_OTFACE", type(config._CHECKED_OTFACE)())
+    path = write(tmp_path, "loss: otface\notface: {eps: 0.04, feature: embedding}\n")
+    cfg = prepare_config(load_yaml_config(path, base_config()))
+    assert built == [0.04]
+    build_head(cfg, lambda e, l: e.sum(), None)
+    assert built == [0.04, 0.04]
+    # a python config: checked once in prepare_config
+    prepare_config(edict(base_config(), loss="otface", otface={"eps": 0.03, "feature": "embedding"}))
+    assert built == [0.04, 0.04, 0.03]
+    # a bad value is an error every time (only blocks that passed are remembered)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="eps"):
+            prepare_config(edict(base_config(), loss="otface", otface={"eps": -1.0}))

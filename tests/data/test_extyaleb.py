@@ -16,11 +16,13 @@ from PIL import Image
 from otface_plugin.data import IdentityIndex, PKSampler
 from otface_plugin.data.cli import main as cli
 
+from conftest import SHARED
+
 
 def _extyaleb() -> Path:
     env = os.environ.get("OTFACE_SHARED_DATA")
     candidates = ([Path(env) / "data" / "extyaleb", Path(env) / "extyaleb", Path(env)]
-                  if env else [Path(__file__).resolve().parents[2] / "shared/data/extyaleb"])
+                  if env else [SHARED / "data" / "extyaleb"])
     for c in candidates:
         if (c / "yaleB01").is_dir():
             return c
