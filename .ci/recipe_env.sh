@@ -13,7 +13,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-SHARED_RECIPE="$REPO/../shared/upstream/arcface_torch-7fadd420"
+SHARED_RECIPE="$REPO/../shared/upstream/$(cd "$REPO" && "$PY" -m otface_plugin.arcface_torch.pins export)"
 
 if [[ -z "${ARCFACE_TORCH_DIR:-}" && ! -f "$SHARED_RECIPE/train_v2.py" ]]; then
     echo "[recipe-env] no arcface_torch recipe (ARCFACE_TORCH_DIR unset, $SHARED_RECIPE absent):" \

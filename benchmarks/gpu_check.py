@@ -21,7 +21,7 @@ the others; the exit status is non-zero when any stage failed):
              (target >= 3x POT batched on CUDA)
 
 Writes OUT/REPORT.md and OUT/gpu.json (card, driver, torch, figures, pass/fail per stage).
-Needs: the recipe (ARCFACE_TORCH_DIR, else ../shared/upstream/arcface_torch-7fadd420; copied
+Needs: the recipe (ARCFACE_TORCH_DIR, else ../shared/upstream/<pins.SHARED_EXPORT>; copied
 writable), the face set (OTFACE_FACES_DIR, else ../shared/data/extyaleb) and a training
 interpreter with the recipe's dependencies (--train-python, else OTFACE_TRAIN_PYTHON, else this
 one), or a GPU kit (--kit: benchmarks/gpu_kit.sh builds it, benchmarks/gpu_run.sh runs this script with
