@@ -30,6 +30,14 @@ def pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def otface_data(*args) -> None:
+    """``otface-data ARGS`` with this interpreter, the repository on the path; fails the test with
+    the tool's error."""
+    r = subprocess.run([sys.executable, "-m", "otface_plugin.data.cli", *map(str, args)],
+                       env={**os.environ, "PYTHONPATH": pythonpath()}, capture_output=True, text=True)
+    assert r.returncode == 0, f"otface-data {' '.join(map(str, args))}: {r.stderr}"
+
+
 def upstream_root() -> Path | None:
     """The pristine recipe to copy from, or None (then upstream tests skip)."""
     env = os.environ.get("ARCFACE_TORCH_DIR")

@@ -219,6 +219,7 @@ class OTFaceLoss(torch.nn.Module):
     starting at 1 and moving ``lambda_rate`` of the way (in log space) each step, within
     ``lambda_range``; the same on every rank (the statistics are all-reduced) and saved in the
     state dict, so a resumed run continues exactly. The warm-up still scales it.
+    ``measure_grad_share=False`` leaves the backward without the probe's hooks (the share is then NaN).
 
     ``triplet_mode="misclassified"`` without ``logits=`` reads the head's ``last_cosine`` (the
     detached (B, C) cosines that :class:`MarginSoftmaxLoss` and the registered heads record at
@@ -238,6 +239,7 @@ class OTFaceLoss(torch.nn.Module):
         grad_share: float = 0.3,
         lambda_range: tuple = (0.01, 1000.0),
         lambda_rate: float = 0.05,
+        measure_grad_share: bool = True,
         **term_options,
     ) -> None:
         super().__init__()
@@ -253,6 +255,10 @@ class OTFaceLoss(torch.nn.Module):
         if lambda_rate > 1:
             raise ValueError(f"OTFace option lambda_rate must be in (0, 1], got {lambda_rate!r}")
         lambda_range = _check_range("lambda_range", lambda_range)
+        if self.adaptive and not measure_grad_share:
+            raise ValueError("OTFace option lambda_ot='auto' follows the measured gradient share: it needs "
+                             "measure_grad_share=True")
+        self.measure_grad_share = bool(measure_grad_share)
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"OTFace option warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if head is None:
@@ -330,7 +336,7 @@ class OTFaceLoss(torch.nn.Module):
             with torch.no_grad():  # from the statistics of the previous step's backward
                 adapt_lambda(self.lambda_auto, self.grad_stats, self.grad_share, self.lambda_rate, self.lambda_range)
         lam = self.current_lambda()
-        if learning:
+        if learning and self.measure_grad_share:
             if self.ot_term.feature == "conv" and features is not None:
                 features = self._probe.attach(features, lam)
             elif self.ot_term.feature == "embedding":

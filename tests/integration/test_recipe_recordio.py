@@ -9,11 +9,10 @@ through mxnet 1.9.1 (where that interpreter has mxnet: the recipe env), and must
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import copy_upstream, faces_dir, needs_upstream, pythonpath
+from conftest import copy_upstream, faces_dir, needs_upstream, otface_data, pythonpath
 
 from otface_plugin.arcface_torch import installer
 
@@ -45,11 +44,6 @@ np.savez(out, samples=np.stack(samples), labels=np.array(labels), imgidx=np.asar
 print(json.dumps({"backend": mxnet_compat.backend, "mx": dataset.mx.__name__}))
 """
 
-
-def otface_data(*args):
-    r = subprocess.run([sys.executable, "-m", "otface_plugin.data.cli", *map(str, args)],
-                       env={**os.environ, "PYTHONPATH": pythonpath()}, capture_output=True, text=True)
-    assert r.returncode == 0, f"otface-data {' '.join(map(str, args))}: {r.stderr}"
 
 
 @pytest.fixture(scope="module")

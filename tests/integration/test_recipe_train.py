@@ -9,11 +9,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_upstream, faces_dir, free_port, needs_upstream, pythonpath
+from conftest import copy_upstream, faces_dir, free_port, needs_upstream, otface_data, pythonpath
 
 from otface_plugin.arcface_torch import installer
 
@@ -32,14 +31,10 @@ pytestmark = [
 
 OT_LINE = re.compile(r"OTFace   Global Step: (\d+)   Loss ([-\d.naif]+)   Margin ([-\d.naif]+)   OT ([-\d.naif]+)   "
                      r"Lambda ([-\d.]+)   HardTriplets (\d+)")
+GRAD_SHARE = re.compile(r"GradShare ([\d.]+)   GradCos ([-\d.]+)")
 LOSS_LINE = re.compile(r"Loss ([-\d.naif]+)   LearningRate ([-\d.e]+)   Epoch: (\d+)   Global Step: (\d+)")
 
 
-
-def otface_data(*args):
-    r = subprocess.run([sys.executable, "-m", "otface_plugin.data.cli", *map(str, args)],
-                       env={**os.environ, "PYTHONPATH": pythonpath()}, capture_output=True, text=True)
-    assert r.returncode == 0, f"otface-data {' '.join(map(str, args))}: {r.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +278,8 @@ OPTION_RUNS = {
     "gradient_acc": "gradient_acc: 2\n",  # one optimizer step every 2 backward passes
     "wandb": "using_wandb: true\nwandb_log_all: false\n",  # offline (WANDB_MODE), components in its history
     "fp16_cpu": "fp16: true\n",  # no CUDA here: said at start, trains in float32
+    # the adaptive lambda (issue 20): moves from its start of 1 each step, the same on both ranks
+    "lambda_auto": "otface:\n  lambda_ot: auto\n  lambda_rate: 0.5\n",
 }
 
 
@@ -310,6 +307,15 @@ def test_recipe_option_with_otface(option, tmp_path, data, train_python):
         assert [row["Loss/Step Loss"] for row in history if "Loss/Step Loss" in row]  # the recipe's own rows
     if option == "fp16_cpu":
         assert "fp16: true, but CUDA is not available" in r.stderr
+    if option == "lambda_auto":
+        import torch
+
+        lambdas = [row[4] for row in rows]
+        assert lambdas[0] == pytest.approx(1.0, abs=1e-4) and len(set(lambdas)) == 4, lambdas
+        states = [torch.load(root / "work_dirs" / "option" / f"checkpoint_gpu_{rank}.pt", map_location="cpu",
+                             weights_only=False)["state_dict_softmax_fc"] for rank in (0, 1)]
+        assert torch.equal(states[0]["loss.lambda_auto"], states[1]["loss.lambda_auto"])
+        assert GRAD_SHARE.search(log), "no GradShare in the training log"
     print(f"{option}: {len(rows)} steps, loss {rows[0][1]:.3f} -> {rows[-1][1]:.3f}, OT {rows[-1][3]:.4f}")
 
 

@@ -4,7 +4,6 @@ The probe's numbers are checked against autograd.grad of each part separately; t
 lambda must reach its target share on a toy problem, stay identical on 2 gloo ranks, and continue
 exactly after a resume.
 """
-import copy
 import math
 import os
 
