@@ -31,7 +31,7 @@ def test_unknown_option_is_named():
 
 
 def test_register_custom_and_duplicate(monkeypatch):
-    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
+    monkeypatch.setitem(registry._ENTRIES, "loss", dict(registry._ENTRIES["loss"]))
 
     @register_loss("my_loss")
     def my_loss(scale: float = 1.0):
@@ -62,7 +62,7 @@ def test_entry_point_discovery(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, "extra", "extra_pkg:ExtraLoss")
     _fake_distribution(tmp_path, "broken", "broken_pkg:DoesNotExist")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
+    monkeypatch.setitem(registry._ENTRIES, "loss", dict(registry._ENTRIES["loss"]))
     monkeypatch.setattr(registry, "_BROKEN", {})
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     with pytest.warns(RuntimeWarning, match="broken"):
@@ -90,3 +90,52 @@ def test_config_loss_names_get_the_registry_error():
     assert str(from_config.value) == str(from_registry.value)
     with pytest.raises(ConfigError, match="key 'loss' must be a loss name"):
         prepare_config(EasyDict(loss=" ", batch_size=8))
+
+
+def test_one_registry_with_kinds():
+    from otface_plugin.losses import HEADS, AdaFaceMargin, build_margin
+
+    assert set(registry.KINDS) == {"loss", "head"}
+    heads = registry.entries("head")
+    assert heads["adaface"] is AdaFaceMargin and HEADS["adaface"] is AdaFaceMargin
+    assert set(heads) <= set(available_losses())  # each head also registers its standalone loss
+    with pytest.raises(TypeError):  # read-only: registration goes through the decorator
+        heads["mine"] = AdaFaceMargin
+    with pytest.raises(registry.UnknownNameError, match="unknown head 'adafce'; registered heads: .*adaface"):
+        build_margin("adafce")
+    with pytest.raises(TypeError, match="unknown option.*head 'adaface': mm; accepted options: .*m"):
+        build_margin("adaface", mm=0.1)
+    with pytest.raises(ValueError, match="unknown registry kind 'model'"):
+        registry.register("model", "x")
+    with pytest.raises(ValueError, match="head 'adaface' is already registered"):
+        registry.register("head", "adaface")(type("Other", (), {}))
+
+
+def test_heads_registered_from_outside_reach_every_lookup(monkeypatch):
+    from otface_plugin.losses.head import MarginHead, register_head
+
+    monkeypatch.setitem(registry._ENTRIES, "loss", dict(registry._ENTRIES["loss"]))
+    head_table = registry._ENTRIES["head"]
+    monkeypatch.setattr(registry, "_ENTRIES", {**registry._ENTRIES})  # restore the table objects after
+    before = dict(head_table)
+
+    @register_head("plain_scale")
+    class PlainScale(MarginHead):
+        def __init__(self, s: float = 8.0) -> None:
+            super().__init__()
+            self.s = s
+
+        def forward(self, cosine, labels):
+            return cosine * self.s
+
+    try:
+        from otface_plugin.losses import HEADS
+
+        assert HEADS["plain_scale"] is PlainScale  # the live view sees it
+        loss = build_loss("plain_scale", num_classes=4, embedding_size=3, s=2.0)
+        assert loss.margin.s == 2.0
+        value = loss(torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0]))
+        assert torch.isfinite(value)
+    finally:
+        head_table.clear()
+        head_table.update(before)

@@ -197,10 +197,10 @@ def _check_otface_values(options: Mapping[str, Any], where: str) -> None:
         _CHECKED_OTFACE.popitem(last=False)
 
 
-def _heads() -> Dict[str, Any]:
-    from otface_plugin.losses.head import HEADS
+def _heads() -> Mapping[str, Any]:
+    from otface_plugin.registry import entries
 
-    return HEADS
+    return entries("head")
 
 
 def head_of(cfg: Any) -> Optional[str]:

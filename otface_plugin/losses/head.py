@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 from torch import distributed
 from torch.nn import functional as F
 
-from otface_plugin.registry import register_loss
+from otface_plugin import registry
 
 __all__ = ["MarginHead", "HeadLoss", "HEADS", "register_head", "build_margin", "head_options", "heads_table"]
 
-HEADS: Dict[str, Type["MarginHead"]] = {}
+HEADS: Mapping[str, Type["MarginHead"]] = registry.view("head")  # the registry's head table, read-only
 
 
 class MarginHead(torch.nn.Module):
@@ -82,16 +82,16 @@ class MarginHead(torch.nn.Module):
 
 
 def register_head(name: str):
-    """Class decorator for a :class:`MarginHead`: records it in :data:`HEADS` and registers
-    its standalone :class:`HeadLoss` with ``build_loss(name, num_classes=..., ...)``."""
+    """Class decorator for a :class:`MarginHead`: registers it as a ``head`` and its standalone
+    :class:`HeadLoss` as a ``loss`` of the same name (``build_loss(name, num_classes=..., ...)``)."""
 
     def decorator(cls: Type[MarginHead]) -> Type[MarginHead]:
-        HEADS[name] = cls
+        registry.register("head", name)(cls)
         loss_cls = type(f"{cls.__name__}Loss", (HeadLoss,), {"margin_class": cls, "__doc__": (
             f"Standalone ``{name}`` loss: a normalised linear classifier and :class:`{cls.__name__}`.")})
         loss_cls.__init__ = _loss_init(cls)
         loss_cls.__module__ = cls.__module__
-        register_loss(name)(loss_cls)
+        registry.register_loss(name)(loss_cls)
         cls.loss_class = loss_cls
         return cls
 
@@ -149,14 +149,9 @@ def head_options(cls: Type[MarginHead]) -> Dict[str, inspect.Parameter]:
 
 def build_margin(name: str, **options) -> MarginHead:
     """The margin function of head ``name``; unknown names and options are errors."""
-    if name not in HEADS:
-        raise ValueError(f"unknown margin head {name!r}; heads: {', '.join(sorted(HEADS))}")
-    accepted = head_options(HEADS[name])
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"unknown option(s) for head {name!r}: {', '.join(unknown)}; "
-                        f"accepted options: {', '.join(accepted)}")
-    return HEADS[name](**options)
+    cls = registry.lookup("head", name)
+    registry.check_options(f"head {name!r}", cls, options)
+    return cls(**options)
 
 
 def heads_table() -> str:
