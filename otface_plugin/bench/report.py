@@ -430,14 +430,14 @@ def limits_lines(meta: Dict[str, Any]) -> List[str]:
     ]
 
 
-def reproduce_lines(command: str) -> List[str]:
+def reproduce_lines(command: str, runs_dir: str) -> List[str]:
     return [
         "## Reproduce",
         "",
         "    pip install -e .[bench]",
         f"    {command}",
         "",
-        "Finished runs are stored under `results/_work/runs/` and are not repeated; delete that folder "
+        f"Finished runs are stored under `{runs_dir}/` and are not repeated; delete that folder "
         "(or change a setting) to retrain.",
         "",
     ]
@@ -457,7 +457,7 @@ def render(res: Dict[str, Any], command: str) -> str:
         *(["", "![ablation](ablation.png)"] if res.get("ablation") else []),
         "",
         *limits_lines(meta),
-        *reproduce_lines(command),
+        *reproduce_lines(command, meta.get("runs_dir", "<out>/_work/runs")),
     ])
 
 

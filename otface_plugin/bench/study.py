@@ -314,6 +314,7 @@ def collect(cfg: StudyConfig, prep: Prepared, specs: List[RunSpec],
         "torch": torch.__version__, "jobs": cfg.jobs if cfg.route == "plugin" else 1, "cpus": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "runs_dir": str(cfg.runs_dir),
     }
     return {"meta": meta, "summary": summary, "paired": paired, "ablation": ablation,
             "sampler_comparison": sampler_comparison, "ot_activity": ot_activity, "runs": runs}

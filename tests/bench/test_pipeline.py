@@ -87,6 +87,7 @@ def test_toy_pipeline_outputs_and_resume(dataset, tmp_path, capsys):
         assert _is_png(out / png), png
     report = (out / "REPORT.md").read_text()
     assert "| route | plugin minimal loop" in report
+    assert f"Finished runs are stored under `{out / '_work' / 'runs'}/`" in report  # where they are, not a fixed path
     for word in ("ArcFace", "CosFace", "OTFace", "TOY RUN", "can and cannot show", "Ablation",
                  "training.png", "roc.png", "similarity_hist.png"):
         assert word in report, word
