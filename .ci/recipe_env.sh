@@ -2,7 +2,7 @@
 # The upstream-dependent tests, against the real arcface_torch recipe, in the recipe's own
 # training environment (its own venv: mxnet needs numpy 1.23.5, the ViTs need timm).
 #
-# The recipe: $ARCFACE_TORCH_DIR, else ../shared/upstream/arcface_torch-7fadd420 beside the
+# The recipe: $ARCFACE_TORCH_DIR, else ../shared/upstream/<pins.SHARED_EXPORT> beside the
 # checkout (tests/conftest.py decides; tests patch only temporary copies). Without either, the
 # environment is not built and the tests are not run (they skip with that reason in `make test`).
 #
