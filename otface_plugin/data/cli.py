@@ -182,7 +182,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        return _run(args)
+        try:
+            return _run(args)
+        finally:  # inside the try: a SIGTERM handled while restoring is still reported, not a traceback
+            if main_thread and old is not None:
+                signal.signal(signal.SIGTERM, old)
     except (RecordIOError, DatasetLayoutError, FileExistsError, FileNotFoundError,
             ValueError) as e:
         msg = _os_error(e) if isinstance(e, OSError) else str(e)
@@ -195,9 +199,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"otface-data {args.cmd}: interrupted; outputs are as before the run (or complete, "
               f"when the interrupt came after they were written)", file=sys.stderr)
         return 130
-    finally:
-        if main_thread and old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

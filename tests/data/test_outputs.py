@@ -82,7 +82,9 @@ def test_stale_temp_files_are_removed_on_the_next_run(tmp_path):
 
 
 def test_sigterm_cleans_up_and_keeps_previous_outputs(tmp_path):
-    root = make_faces(tmp_path / "faces", n_id=10, n_img=20, size=64)
+    # about a second of building (500 images of 256 px), so that on a loaded machine the signal
+    # still lands while the temp files are written, not after the commit
+    root = make_faces(tmp_path / "faces", n_id=10, n_img=50, size=256)
     out = tmp_path / "ds"
     out.mkdir()
     prev = make_faces(tmp_path / "prev", n_id=2, n_img=1)
