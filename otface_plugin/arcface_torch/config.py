@@ -28,6 +28,7 @@ from otface_plugin.arcface_torch.schema import (  # noqa: F401  (re-exported: co
     HARD_OPTIONS,
     HOOK_OPTIONS,
     KNOWN_KEYS,
+    PK_SAMPLERS,
     PLUGIN_KEYS,
     RECIPE_KEYS,
     RECIPE_LOSSES,
@@ -378,7 +379,7 @@ def _resolve_sampler(cfg: Any, loss: Optional[str]) -> None:
         raise ConfigError(f"config sets 'hard' options but sampler is {sampler!r} (use sampler: hard)")
     if sampler == "hard":
         cfg.hard = hard_options(cfg.get("hard") or {})
-    if sampler in ("pk", "hard"):
+    if sampler in PK_SAMPLERS:
         k = cfg.get("num_instances", DEFAULT_NUM_INSTANCES)
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ConfigError(f"key 'num_instances' must be an integer >= 2 (images per identity), got {k!r}")

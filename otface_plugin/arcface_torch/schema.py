@@ -32,7 +32,7 @@ from otface_plugin.data.sampler import DEFAULT_NUM_INSTANCES, HARD_OPTION_RULES,
 
 __all__ = ["ConfigError", "DEFAULT_NUM_INSTANCES", "DEFAULT_REFRESH_STEPS", "FROM_RECIPE", "HARD_OPTIONS",
            "HOOK_OPTIONS", "KNOWN_KEYS", "PLUGIN_KEYS", "RECIPE_KEYS", "RECIPE_LOSSES", "RECIPE_UNSUPPORTED",
-           "SAMPLERS", "otface_loss_options"]
+           "PK_SAMPLERS", "SAMPLERS", "otface_loss_options"]
 
 Number = (int, float)
 
@@ -84,7 +84,8 @@ RECIPE_KEYS: Dict[str, Tuple[tuple, str]] = {
 }
 
 # the recipe's samplers: the plugin's P x K ones (data/sampler.py) and upstream's DistributedSampler
-SAMPLERS = (*SAMPLER_CLASSES, "distributed")
+PK_SAMPLERS = tuple(SAMPLER_CLASSES)
+SAMPLERS = (*PK_SAMPLERS, "distributed")
 
 PLUGIN_KEYS: Dict[str, Tuple[tuple, str]] = {
     "loss": ((str, type(None)), "a loss name (arcface, cosface, combined, otface)"),

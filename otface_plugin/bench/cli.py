@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from otface_plugin.bench.data import SAMPLERS, BenchError, default_dataset_dir
+from otface_plugin.bench.recipe import ROUTES
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
 from otface_plugin.bench.spec import LOSS_CHOICES, LOSSES
 from otface_plugin.data.errors import DatasetLayoutError
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=0, help="runs trained in parallel, one single-threaded "
                    "process each (default: min(2, CPUs)); 1 trains in this process")
     p.add_argument("--threads", type=int, default=0, help="torch threads with --jobs 1 (default: torch's choice)")
-    p.add_argument("--route", choices=("auto", "plugin", "recipe"), default="auto",
+    p.add_argument("--route", choices=ROUTES, default="auto",
                    help="plugin: own minimal loop; recipe: patched train_v2.py from $ARCFACE_TORCH_DIR; "
                    "auto (default): recipe when ARCFACE_TORCH_DIR is set, else plugin")
     p.add_argument("--sampler", choices=SAMPLERS, default="pk",

@@ -8,7 +8,8 @@ from conftest import REPO, SHARED_UPSTREAM
 
 from otface_plugin.arcface_torch import pins
 
-COMMIT_NEAR = re.compile(r"commit\s+`?([0-9a-f]{40})\b|@\s+([0-9a-f]{8})\b|arcface_torch-([0-9a-f]{8})\b")
+COMMIT_NEAR = re.compile(r"commit\s+`?([0-9a-f]{40})\b|@\s+([0-9a-f]{8})\b|arcface_torch-([0-9a-f]{8})\b"
+                         r"|archive\s+([0-9a-f]{8,40})\b")
 
 
 def test_every_spelled_out_upstream_commit_is_the_pinned_one():
