@@ -35,6 +35,7 @@ from otface_plugin.bench.recipe import ROUTES
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
 from otface_plugin.bench.spec import LOSS_CHOICES, LOSSES
 from otface_plugin.data.errors import DatasetLayoutError
+from otface_plugin.interrupts import sigterm_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        results, scores, issame = run_study(cfg, progress=not args.no_progress)
-        write_outputs(results, scores, issame, Path(cfg.out), " ".join(["otface-bench", *argv]))
+        with sigterm_as_interrupt():  # a kill stops the worker processes too, not only this one
+            results, scores, issame = run_study(cfg, progress=not args.no_progress)
+            write_outputs(results, scores, issame, Path(cfg.out), " ".join(["otface-bench", *argv]))
     except KeyboardInterrupt:
         print("\notface-bench: interrupted; finished runs are kept and the next call resumes", file=sys.stderr)
         return 130

@@ -6,13 +6,12 @@ import argparse
 import errno
 import json
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import List, Optional
 
 from otface_plugin.data.errors import DatasetLayoutError, RecordIOError
+from otface_plugin.interrupts import sigterm_as_interrupt
 
 __all__ = ["main"]
 
@@ -153,11 +152,6 @@ def _os_error(e: OSError) -> str:
     return what
 
 
-def _interrupt(signum, frame):
-    # SIGTERM like Ctrl-C: unwind through the builders' cleanup instead of dying mid-write
-    raise KeyboardInterrupt
-
-
 def _build_bin_from_pairs_file(args, progress) -> None:
     """build-bin --pairs-file: the protocol's own pairs (LFW pairs.txt and files in its format)."""
     from otface_plugin.data.bin_builder import build_bin_from_pairs
@@ -179,14 +173,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        try:
+        with sigterm_as_interrupt():  # inside the try: a SIGTERM handled on the way out is still reported
             return _run(args)
-        finally:  # inside the try: a SIGTERM handled while restoring is still reported, not a traceback
-            if main_thread and old is not None:
-                signal.signal(signal.SIGTERM, old)
     except (RecordIOError, DatasetLayoutError, FileExistsError, FileNotFoundError,
             ValueError) as e:
         msg = _os_error(e) if isinstance(e, OSError) else str(e)

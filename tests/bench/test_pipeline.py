@@ -5,6 +5,11 @@ Uses Extended Yale B at <repo>/../shared/data/extyaleb (or OTFACE_SHARED_DATA) w
 else a generated identity-folder dataset, so the pipeline is always checked.
 """
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +143,50 @@ def test_compare_sampler_must_name_main_losses(dataset, tmp_path):
     with pytest.raises(SystemExit, match="--compare-sampler .*cosface.* not in --losses"):
         main([str(dataset), "--toy", "--out", str(tmp_path), "--losses", "arcface,otface",
               "--compare-sampler", "cosface"])
+
+
+def _children(pid: int) -> set:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc (Linux)")
+def test_sigterm_stops_the_worker_processes_and_keeps_nothing_half_done(dataset, tmp_path):
+    out = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.Popen([sys.executable, "-m", "otface_plugin.bench", str(dataset), "--toy", "--route", "plugin",
+                          "--out", str(out), "--no-progress", "--no-ablation", "--jobs", "2"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers = set()
+    while len(workers) < 2:  # the pool's two workers (the spawn context adds a resource tracker too)
+        assert p.poll() is None and time.monotonic() < deadline, "the workers never started"
+        workers = {k for k in _children(p.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
+                   and "pipe_handle" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")}
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted; finished runs are kept" in err, err
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "worker processes outlived otface-bench"
+    runs = out / "_work" / "runs"
+    assert not runs.exists() or all((r / "result.json").is_file() for r in runs.iterdir() if r.is_dir()
+                                    and (r / "model.pt").exists())
