@@ -35,8 +35,9 @@ _BROKEN: Dict[str, str] = {}  # loss entry points that failed to load: name -> r
 _entry_points_loaded = False
 
 
-class UnknownNameError(KeyError):
-    """Raised for a name that no module or installed package registered under its kind."""
+class UnknownNameError(KeyError, ValueError):
+    """Raised for a name that no module or installed package registered under its kind (a
+    KeyError as the loss lookups always raised, and a ValueError as ``build_margin`` did)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

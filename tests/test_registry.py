@@ -103,6 +103,8 @@ def test_one_registry_with_kinds():
         heads["mine"] = AdaFaceMargin
     with pytest.raises(registry.UnknownNameError, match="unknown head 'adafce'; registered heads: .*adaface"):
         build_margin("adafce")
+    with pytest.raises(ValueError):  # what build_margin raised before the registries were one
+        build_margin("adafce")
     with pytest.raises(TypeError, match="unknown option.*head 'adaface': mm; accepted options: .*m"):
         build_margin("adaface", mm=0.1)
     with pytest.raises(ValueError, match="unknown registry kind 'model'"):
