@@ -19,6 +19,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/otface-rehearsal.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
+# The rehearsal trains the recipe: without one (no ARCFACE_TORCH_DIR, no shared export beside the
+# checkout) it skips with the reason, as the upstream tests of `make test` do.
+UPSTREAM="$(cd "$REPO" && "${PYTHON:-.venv/bin/python}" -c 'import sys; sys.path.insert(0, "tests"); import conftest; print(conftest.UPSTREAM or "")')"
+if [[ -z "$UPSTREAM" || ! -f "$UPSTREAM/train_v2.py" ]]; then
+    echo "[rehearsal] no arcface_torch recipe (ARCFACE_TORCH_DIR unset, no shared export): skipped"
+    exit 0
+fi
+
 find_python312() {
     if [[ -n "${PYTHON312:-}" ]]; then echo "$PYTHON312"; return; fi
     if python3.12 -c 'import sys' 2>/dev/null; then command -v python3.12; return; fi
