@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence
 
 from otface_plugin.atomicfile import TEMP_SUFFIX, atomic_write, create_new, discard, temp_path
 
@@ -154,17 +154,48 @@ def _commit(temps: Dict[Path, Path]) -> None:
         _undo(journal)  # marker in place: drops the backups and the journal
 
 
+def _refuse_inputs(finals: Sequence[Path], inputs: Iterable[os.PathLike]) -> None:
+    """An output that is one of the command's inputs (the same file, through a link or not)
+    is an error whatever ``--force`` says: the user asked to overwrite earlier outputs, not
+    the data the command reads. Only outputs that exist can be inputs, so the inputs are
+    looked at only when one does (a rebuild with ``--force``)."""
+    existing = {}
+    for f in finals:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        existing[(st.st_dev, st.st_ino)] = f
+    if not existing:
+        return
+    for i in inputs:
+        try:
+            st = os.stat(i)
+        except OSError:
+            continue
+        f = existing.get((st.st_dev, st.st_ino))
+        if f is not None:
+            same = "" if os.path.abspath(i) == os.path.abspath(f) else f" (as {i})"
+            raise ValueError(f"{f}: this output is also an input of the command{same}; "
+                             f"choose another output path (--force does not overwrite inputs)")
+
+
 @contextlib.contextmanager
-def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False
-                   ) -> Iterator[Dict[Path, Path]]:
+def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False,
+                   inputs: Iterable[os.PathLike] = ()) -> Iterator[Dict[Path, Path]]:
     """Yield {final path: temp path}; on normal exit move every temp file onto its final path
     (all or nothing, see the module docstring), on any exception delete them all, so a failed
-    or killed build never leaves a partial output. The first path is the commit marker."""
+    or killed build never leaves a partial output. The first path is the commit marker.
+
+    Every writer goes through here, so here are its rules: an existing output is an error
+    naming it unless ``overwrite`` (the CLIs' ``--force``), and an output that is one of
+    ``inputs`` (the files the command reads) is an error even then."""
     finals = [Path(f) for f in finals]
     recover_outputs(finals)
     for f in finals:
         if f.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a directory, not an output file", str(f))
+    _refuse_inputs(finals, inputs)
     if not overwrite:
         existing = [str(f) for f in finals if os.path.lexists(f)]
         if existing:

@@ -22,6 +22,16 @@ def _identities(args) -> Optional[List[str]]:
     return read_identity_list(args.identities_from) if args.identities_from else None
 
 
+def _list_inputs(args) -> List[str]:
+    """The identity list a build reads: an input that no output may overwrite."""
+    return [args.identities_from] if args.identities_from else []
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (never the command's own inputs)")
+
+
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=112,
                    help="square output size in pixels; 0 keeps the original size (default 112)")
@@ -34,7 +44,7 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
                    help="only these identity folders: one name per line, e.g. from `split` "
                         "(surrounding spaces are trimmed and '#' starts a comment line unless the "
                         "line is a JSON string such as \"trail \"; see docs/data.md)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_force(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-list", required=True, help="output: train identity names")
     p.add_argument("--holdout-list", required=True, help="output: held-out identity names")
+    _add_force(p)
     return ap
 
 
@@ -91,7 +102,7 @@ def _run(args) -> int:
                       resize=args.resize or None, resize_mode=args.resize_mode,
                       skip_bad=args.skip_bad, quality=args.quality, img_fmt=args.img_fmt,
                       identities=_identities(args), overwrite=args.force, progress=progress,
-                      recursive=args.recursive)
+                      recursive=args.recursive, inputs=_list_inputs(args))
         for path, why in r.skipped:
             print(f"skipped {path}: {why}", file=sys.stderr)
         print(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
@@ -114,7 +125,7 @@ def _run(args) -> int:
                       seed=args.seed, resize=args.resize or None, resize_mode=args.resize_mode,
                       quality=args.quality, img_fmt=args.img_fmt,
                       identities=_identities(args), workers=args.workers,
-                      overwrite=args.force, progress=progress)
+                      overwrite=args.force, progress=progress, inputs=_list_inputs(args))
         print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
               f"folds, {r.num_identities} identities, {r.num_images} images")
     elif args.cmd == "inspect":
@@ -127,12 +138,15 @@ def _run(args) -> int:
         from otface_plugin.data.folders import (scan_identity_folders, split_identities,
                                                 write_identity_list)
 
-        names = [f.name for f in scan_identity_folders(args.image_dir, skip_empty=True)]
-        train, hold = split_identities(names, args.holdout_fraction, args.seed)
+        folders = scan_identity_folders(args.image_dir, skip_empty=True)
+        train, hold = split_identities([f.name for f in folders], args.holdout_fraction,
+                                       args.seed)
         lists = {Path(args.train_list): train, Path(args.holdout_list): hold}
         if Path(args.train_list).resolve() == Path(args.holdout_list).resolve():
             raise ValueError("--train-list and --holdout-list are the same file")
-        with atomic_outputs(list(lists), overwrite=True) as tmp:  # both lists or neither
+        images = [p for f in folders for p in f.files]  # the dataset being split: never overwritten
+        with atomic_outputs(list(lists), overwrite=args.force,
+                            inputs=images) as tmp:  # both lists or neither
             for path, items in lists.items():
                 write_identity_list(tmp[path], items)
         print(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
