@@ -36,6 +36,7 @@ from otface_plugin.atomicfile import TEMP_SUFFIX, atomic_write, create_new, disc
 __all__ = ["atomic_outputs", "recover_outputs"]
 
 _BACKUP, _JOURNAL = ".old", ".otface-commit"
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _journal(marker: Path) -> Path:
@@ -213,6 +214,11 @@ def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False,
             os.close(create_new(tmp))
         yield temps
         _commit(temps)
+    except OSError as e:
+        # a full disk or quota is reported by write(), which names no file: name the outputs
+        if e.filename is None and e.errno in _WRITE_ERRNOS:
+            raise OSError(e.errno, e.strerror, ", ".join(map(str, finals))) from None
+        raise
     finally:
         for tmp in temps.values():
             discard(tmp)

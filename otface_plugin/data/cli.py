@@ -27,6 +27,16 @@ def _list_inputs(args) -> List[str]:
     return [args.identities_from] if args.identities_from else []
 
 
+def _one_line_each(text: str) -> str:
+    return "\n".join(map(_one_line, text.split("\n")))
+
+
+def _say(msg: str, file=None) -> None:
+    """Print a report line; names in it are escaped (:func:`_one_line`), so a file name that is
+    not UTF-8 cannot fail the print, and so the run, after the outputs were written."""
+    print(_one_line(msg), file=file or sys.stdout)
+
+
 def _add_force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="overwrite existing outputs (never the command's own inputs)")
@@ -104,8 +114,8 @@ def _run(args) -> int:
                       identities=_identities(args), overwrite=args.force, progress=progress,
                       recursive=args.recursive, inputs=_list_inputs(args))
         for path, why in r.skipped:
-            print(f"skipped {path}: {why}", file=sys.stderr)
-        print(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
+            _say(f"skipped {path}: {why}", file=sys.stderr)
+        _say(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
                                               else "")
               + f": {r.num_identities} identities, {r.num_images} images"
               + (f", {len(r.skipped)} skipped" if r.skipped else ""))
@@ -126,13 +136,13 @@ def _run(args) -> int:
                       quality=args.quality, img_fmt=args.img_fmt,
                       identities=_identities(args), workers=args.workers,
                       overwrite=args.force, progress=progress, inputs=_list_inputs(args))
-        print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
+        _say(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
               f"folds, {r.num_identities} identities, {r.num_images} images")
     elif args.cmd == "inspect":
         from otface_plugin.data.inspect_rec import format_summary, inspect_rec
 
         s = inspect_rec(args.rec, verify=args.verify, cache=not args.no_cache)
-        print(json.dumps(s, indent=2) if args.json else format_summary(s))
+        print(json.dumps(s, indent=2) if args.json else _one_line_each(format_summary(s)))
     elif args.cmd == "split":
         from otface_plugin.data.atomic import atomic_outputs
         from otface_plugin.data.folders import (scan_identity_folders, split_identities,
@@ -149,7 +159,7 @@ def _run(args) -> int:
                             inputs=images) as tmp:  # both lists or neither
             for path, items in lists.items():
                 write_identity_list(tmp[path], items)
-        print(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
+        _say(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
               f"{args.holdout_list}")
     return 0
 
@@ -161,9 +171,16 @@ def _os_error(e: OSError) -> str:
     what = f"{e.filename}: {e.strerror}"
     if e.filename2 is not None:
         what += f" (-> {e.filename2})"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        what += " (no output was changed)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        what += " (no output was changed)"  # atomic_outputs: temp files first, then renames
     return what
+
+
+def _one_line(msg: str) -> str:
+    """``msg`` with control characters (a newline in a file name) and undecodable bytes
+    escaped, so an error stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in msg)
 
 
 def _build_bin_from_pairs_file(args, progress) -> None:
@@ -179,7 +196,7 @@ def _build_bin_from_pairs_file(args, progress) -> None:
                              resize=args.resize or None, resize_mode=args.resize_mode,
                              quality=args.quality, img_fmt=args.img_fmt, workers=args.workers,
                              overwrite=args.force, progress=progress)
-    print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same) from {args.pairs_file} folds "
+    _say(f"wrote {r.path}: {r.pairs} pairs ({r.same} same) from {args.pairs_file} folds "
           f"{','.join(str(k + 1) for k in folds)}, {r.num_identities} identities, {r.num_images} images")
 
 
@@ -192,11 +209,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run(args)
     except (RecordIOError, DatasetLayoutError, FileExistsError, FileNotFoundError,
             ValueError) as e:
-        msg = _os_error(e) if isinstance(e, OSError) else str(e)
+        msg = _one_line(_os_error(e) if isinstance(e, OSError) else str(e))
         print(f"otface-data {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:  # permissions, read-only or full disk, a file where a folder should be
-        print(f"otface-data {args.cmd}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"otface-data {args.cmd}: error: {_one_line(_os_error(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"otface-data {args.cmd}: interrupted; outputs are as before the run (or complete, "
