@@ -156,10 +156,12 @@ def _commit(temps: Dict[Path, Path]) -> None:
 
 
 def _refuse_inputs(finals: Sequence[Path], inputs: Iterable[os.PathLike]) -> None:
-    """An output that is one of the command's inputs (the same file, through a link or not)
-    is an error whatever ``--force`` says: the user asked to overwrite earlier outputs, not
-    the data the command reads. Only outputs that exist can be inputs, so the inputs are
-    looked at only when one does (a rebuild with ``--force``)."""
+    """An output that is one of the command's inputs (the same file, also through a symbolic
+    link) is an error whatever ``--force`` says: the user asked to overwrite earlier outputs,
+    not the data the command reads. Only outputs that exist can be inputs, so the inputs are
+    looked at only then (a rerun with ``--force``), and only those named like an output or its
+    link target: the rename replaces a directory entry, so an input under another name (a hard
+    link, or a link to the output) keeps its contents; this spares a million stat calls."""
     existing = {}
     for f in finals:
         try:
@@ -169,7 +171,10 @@ def _refuse_inputs(finals: Sequence[Path], inputs: Iterable[os.PathLike]) -> Non
         existing[(st.st_dev, st.st_ino)] = f
     if not existing:
         return
+    names = {n for f in existing.values() for n in (f.name, os.path.basename(os.path.realpath(f)))}
     for i in inputs:
+        if os.path.basename(i) not in names:
+            continue
         try:
             st = os.stat(i)
         except OSError:
