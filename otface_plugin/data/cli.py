@@ -28,6 +28,7 @@ def _list_inputs(args) -> List[str]:
 
 
 def _one_line_each(text: str) -> str:
+    """:func:`_one_line` on each line of a multi-line report."""
     return "\n".join(map(_one_line, text.split("\n")))
 
 
@@ -116,9 +117,9 @@ def _run(args) -> int:
         for path, why in r.skipped:
             _say(f"skipped {path}: {why}", file=sys.stderr)
         _say(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
-                                              else "")
-              + f": {r.num_identities} identities, {r.num_images} images"
-              + (f", {len(r.skipped)} skipped" if r.skipped else ""))
+                                             else "")
+             + f": {r.num_identities} identities, {r.num_images} images"
+             + (f", {len(r.skipped)} skipped" if r.skipped else ""))
     elif args.cmd == "build-bin" and args.pairs_file:
         _build_bin_from_pairs_file(args, progress)
     elif args.cmd == "build-bin":
@@ -137,7 +138,7 @@ def _run(args) -> int:
                       identities=_identities(args), workers=args.workers,
                       overwrite=args.force, progress=progress, inputs=_list_inputs(args))
         _say(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
-              f"folds, {r.num_identities} identities, {r.num_images} images")
+             f"folds, {r.num_identities} identities, {r.num_images} images")
     elif args.cmd == "inspect":
         from otface_plugin.data.inspect_rec import format_summary, inspect_rec
 
@@ -160,7 +161,7 @@ def _run(args) -> int:
             for path, items in lists.items():
                 write_identity_list(tmp[path], items)
         _say(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
-              f"{args.holdout_list}")
+             f"{args.holdout_list}")
     return 0
 
 
@@ -197,7 +198,7 @@ def _build_bin_from_pairs_file(args, progress) -> None:
                              quality=args.quality, img_fmt=args.img_fmt, workers=args.workers,
                              overwrite=args.force, progress=progress)
     _say(f"wrote {r.path}: {r.pairs} pairs ({r.same} same) from {args.pairs_file} folds "
-          f"{','.join(str(k + 1) for k in folds)}, {r.num_identities} identities, {r.num_images} images")
+         f"{','.join(str(k + 1) for k in folds)}, {r.num_identities} identities, {r.num_images} images")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
