@@ -129,9 +129,9 @@ def open_image(path: str) -> Image.Image:
 def decode_image(buf: bytes, flag: int = 1, to_rgb: bool = True) -> np.ndarray:
     """Like ``mx.image.imdecode(buf, flag, to_rgb).asnumpy()``: uint8 HxWx3 (RGB unless
     ``to_rgb=False``) for ``flag=1``, HxWx1 grayscale for ``flag=0``; 16-bit images reduced to
-    their high byte, as mxnet's OpenCV does. The EXIF orientation is not applied here: whether
-    mxnet's bundled OpenCV applies it to an in-memory buffer is not established, and records
-    written by im2rec or ``build-rec`` are re-encoded upright without EXIF."""
+    their high byte, as mxnet's OpenCV does. The EXIF orientation is not applied: mxnet
+    1.9.1's ``imdecode`` ignores it (tests/mxnet_compat checks both), and records written by
+    im2rec or ``build-rec`` are re-encoded upright without EXIF."""
     pil = _open(buf)
     if _is_16bit(pil):
         pil = _high_byte(pil)
