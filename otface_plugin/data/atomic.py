@@ -29,13 +29,14 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence
 
 from otface_plugin.atomicfile import TEMP_SUFFIX, atomic_write, create_new, discard, temp_path
 
 __all__ = ["atomic_outputs", "recover_outputs"]
 
 _BACKUP, _JOURNAL = ".old", ".otface-commit"
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _journal(marker: Path) -> Path:
@@ -154,17 +155,53 @@ def _commit(temps: Dict[Path, Path]) -> None:
         _undo(journal)  # marker in place: drops the backups and the journal
 
 
+def _refuse_inputs(finals: Sequence[Path], inputs: Iterable[os.PathLike]) -> None:
+    """An output that is one of the command's inputs (the same file, also through a symbolic
+    link) is an error whatever ``--force`` says: the user asked to overwrite earlier outputs,
+    not the data the command reads. Only outputs that exist can be inputs, so the inputs are
+    looked at only then (a rerun with ``--force``), and only those named like an output or its
+    link target: the rename replaces a directory entry, so an input under another name (a hard
+    link, or a link to the output) keeps its contents; this spares a million stat calls."""
+    existing = {}
+    for f in finals:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        existing[(st.st_dev, st.st_ino)] = f
+    if not existing:
+        return
+    names = {n for f in existing.values() for n in (f.name, os.path.basename(os.path.realpath(f)))}
+    for i in inputs:
+        if os.path.basename(i) not in names:
+            continue
+        try:
+            st = os.stat(i)
+        except OSError:
+            continue
+        f = existing.get((st.st_dev, st.st_ino))
+        if f is not None:
+            same = "" if os.path.abspath(i) == os.path.abspath(f) else f" (as {i})"
+            raise ValueError(f"{f}: this output is also an input of the command{same}; "
+                             f"choose another output path (--force does not overwrite inputs)")
+
+
 @contextlib.contextmanager
-def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False
-                   ) -> Iterator[Dict[Path, Path]]:
+def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False,
+                   inputs: Iterable[os.PathLike] = ()) -> Iterator[Dict[Path, Path]]:
     """Yield {final path: temp path}; on normal exit move every temp file onto its final path
     (all or nothing, see the module docstring), on any exception delete them all, so a failed
-    or killed build never leaves a partial output. The first path is the commit marker."""
+    or killed build never leaves a partial output. The first path is the commit marker.
+
+    Every writer goes through here, so here are its rules: an existing output is an error
+    naming it unless ``overwrite`` (the CLIs' ``--force``), and an output that is one of
+    ``inputs`` (the files the command reads) is an error even then."""
     finals = [Path(f) for f in finals]
     recover_outputs(finals)
     for f in finals:
         if f.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a directory, not an output file", str(f))
+    _refuse_inputs(finals, inputs)
     if not overwrite:
         existing = [str(f) for f in finals if os.path.lexists(f)]
         if existing:
@@ -182,6 +219,11 @@ def atomic_outputs(finals: Sequence[os.PathLike], overwrite: bool = False
             os.close(create_new(tmp))
         yield temps
         _commit(temps)
+    except OSError as e:
+        # a full disk or quota is reported by write(), which names no file: name the outputs
+        if e.filename is None and e.errno in _WRITE_ERRNOS:
+            raise OSError(e.errno, e.strerror, ", ".join(map(str, finals))) from None
+        raise
     finally:
         for tmp in temps.values():
             discard(tmp)

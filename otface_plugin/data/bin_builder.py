@@ -110,23 +110,26 @@ def make_pairs(folders: Sequence[IdentityFolder], pairs: int, folds: int = 10, s
 
 def _write_bin(flat: Sequence[Pair], out_bin: os.PathLike, *, resize: Optional[int], resize_mode: str,
                quality: int, img_fmt: str, workers: int, overwrite: bool,
-               progress: Optional[bool]) -> Tuple[Path, int]:
+               progress: Optional[bool], inputs: Sequence[os.PathLike] = ()) -> Tuple[Path, int]:
     """Encode each image of the pairs once and write the recipe's ``.bin`` (a protocol-4 pickle of
-    ``(bins, issame)``, two images per pair in order) atomically; returns (path, images encoded)."""
+    ``(bins, issame)``, two images per pair in order) atomically; returns (path, images encoded).
+    ``inputs``: the other files the build read (the dataset's images, pairs file, identity
+    list), never overwritten."""
     paths = sorted({p for a, b, _ in flat for p in (a, b)})
-    encoded = {}
-    bar = progress_bar(len(paths), "build-bin", progress)
-    for path, data, _ in encode_files(paths, size=resize, mode=resize_mode, quality=quality,
-                                      img_fmt=img_fmt, workers=workers):
-        bar.update(1)
-        if isinstance(data, str):
-            raise ImageDecodeError(f"cannot read image {path}: {data}")
-        encoded[path] = data
-    bar.close()
-    bins = [encoded[p] for a, b, _ in flat for p in (a, b)]
-    issame = [bool(s) for _, _, s in flat]
     out = Path(out_bin)
-    with atomic_outputs([out], overwrite=overwrite) as tmp:
+    # the output rules are checked before the encoding, not after minutes of it
+    with atomic_outputs([out], overwrite=overwrite, inputs=[*paths, *inputs]) as tmp:
+        encoded = {}
+        bar = progress_bar(len(paths), "build-bin", progress)
+        for path, data, _ in encode_files(paths, size=resize, mode=resize_mode, quality=quality,
+                                          img_fmt=img_fmt, workers=workers):
+            bar.update(1)
+            if isinstance(data, str):
+                raise ImageDecodeError(f"cannot read image {path}: {data}")
+            encoded[path] = data
+        bar.close()
+        bins = [encoded[p] for a, b, _ in flat for p in (a, b)]
+        issame = [bool(s) for _, _, s in flat]
         with open(tmp[out], "wb") as f:
             pickle.dump((bins, issame), f, protocol=4)
     return out, len(paths)
@@ -136,13 +139,16 @@ def build_bin(image_dir: os.PathLike, out_bin: os.PathLike, pairs: int, *, folds
               seed: int = 0, resize: Optional[int] = 112, resize_mode: str = "crop",
               quality: int = 95, img_fmt: str = ".jpg",
               identities: Optional[Sequence[str]] = None, workers: int = 1,
-              overwrite: bool = False, progress: Optional[bool] = None) -> BinBuildReport:
-    """Write ``out_bin`` atomically; any unreadable image aborts with its path."""
+              overwrite: bool = False, progress: Optional[bool] = None,
+              inputs: Sequence[os.PathLike] = ()) -> BinBuildReport:
+    """Write ``out_bin`` atomically; any unreadable image aborts with its path. ``inputs``:
+    other files the build reads (the identity list), never overwritten."""
     folders = scan_identity_folders(image_dir, identities)
     fold_pairs = make_pairs(folders, pairs, folds, seed)
     flat = [p for fold in fold_pairs for p in fold]
     out, num_images = _write_bin(flat, out_bin, resize=resize, resize_mode=resize_mode, quality=quality,
-                                 img_fmt=img_fmt, workers=workers, overwrite=overwrite, progress=progress)
+                                 img_fmt=img_fmt, workers=workers, overwrite=overwrite, progress=progress,
+                                 inputs=[*(p for f in folders for p in f.files), *inputs])
     return BinBuildReport(out, len(flat), sum(s for _, _, s in flat), folds, len(folders), num_images)
 
 
@@ -172,6 +178,7 @@ def build_bin_from_pairs(image_dir: os.PathLike, out_bin: os.PathLike, pairs_fil
                                          f"({root / name / f'{name}_{num:04d}.jpg'})")
         flat.append((a, b, p.same))
     out, num_images = _write_bin(flat, out_bin, resize=resize, resize_mode=resize_mode, quality=quality,
-                                 img_fmt=img_fmt, workers=workers, overwrite=overwrite, progress=progress)
+                                 img_fmt=img_fmt, workers=workers, overwrite=overwrite, progress=progress,
+                                 inputs=[pairs_file])
     names = {n for a, b, _ in flat for n in (a.parent.name, b.parent.name)}
     return BinBuildReport(out, len(flat), sum(s for _, _, s in flat), len(chosen), len(names), num_images)

@@ -22,6 +22,27 @@ def _identities(args) -> Optional[List[str]]:
     return read_identity_list(args.identities_from) if args.identities_from else None
 
 
+def _list_inputs(args) -> List[str]:
+    """The identity list a build reads: an input that no output may overwrite."""
+    return [args.identities_from] if args.identities_from else []
+
+
+def _one_line_each(text: str) -> str:
+    """:func:`_one_line` on each line of a multi-line report."""
+    return "\n".join(map(_one_line, text.split("\n")))
+
+
+def _say(msg: str, file=None) -> None:
+    """Print a report line; names in it are escaped (:func:`_one_line`), so a file name that is
+    not UTF-8 cannot fail the print, and so the run, after the outputs were written."""
+    print(_one_line(msg), file=file or sys.stdout)
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (never the command's own inputs)")
+
+
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=112,
                    help="square output size in pixels; 0 keeps the original size (default 112)")
@@ -34,7 +55,7 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
                    help="only these identity folders: one name per line, e.g. from `split` "
                         "(surrounding spaces are trimmed and '#' starts a comment line unless the "
                         "line is a JSON string such as \"trail \"; see docs/data.md)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_force(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-list", required=True, help="output: train identity names")
     p.add_argument("--holdout-list", required=True, help="output: held-out identity names")
+    _add_force(p)
     return ap
 
 
@@ -91,13 +113,13 @@ def _run(args) -> int:
                       resize=args.resize or None, resize_mode=args.resize_mode,
                       skip_bad=args.skip_bad, quality=args.quality, img_fmt=args.img_fmt,
                       identities=_identities(args), overwrite=args.force, progress=progress,
-                      recursive=args.recursive)
+                      recursive=args.recursive, inputs=_list_inputs(args))
         for path, why in r.skipped:
-            print(f"skipped {path}: {why}", file=sys.stderr)
-        print(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
-                                              else "")
-              + f": {r.num_identities} identities, {r.num_images} images"
-              + (f", {len(r.skipped)} skipped" if r.skipped else ""))
+            _say(f"skipped {path}: {why}", file=sys.stderr)
+        _say(f"wrote {r.rec} and {r.idx}" + (f" and {r.property_file}" if r.property_file
+                                             else "")
+             + f": {r.num_identities} identities, {r.num_images} images"
+             + (f", {len(r.skipped)} skipped" if r.skipped else ""))
     elif args.cmd == "build-bin" and args.pairs_file:
         _build_bin_from_pairs_file(args, progress)
     elif args.cmd == "build-bin":
@@ -114,29 +136,32 @@ def _run(args) -> int:
                       seed=args.seed, resize=args.resize or None, resize_mode=args.resize_mode,
                       quality=args.quality, img_fmt=args.img_fmt,
                       identities=_identities(args), workers=args.workers,
-                      overwrite=args.force, progress=progress)
-        print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
-              f"folds, {r.num_identities} identities, {r.num_images} images")
+                      overwrite=args.force, progress=progress, inputs=_list_inputs(args))
+        _say(f"wrote {r.path}: {r.pairs} pairs ({r.same} same), {r.folds} identity-disjoint "
+             f"folds, {r.num_identities} identities, {r.num_images} images")
     elif args.cmd == "inspect":
         from otface_plugin.data.inspect_rec import format_summary, inspect_rec
 
         s = inspect_rec(args.rec, verify=args.verify, cache=not args.no_cache)
-        print(json.dumps(s, indent=2) if args.json else format_summary(s))
+        print(json.dumps(s, indent=2) if args.json else _one_line_each(format_summary(s)))
     elif args.cmd == "split":
         from otface_plugin.data.atomic import atomic_outputs
         from otface_plugin.data.folders import (scan_identity_folders, split_identities,
                                                 write_identity_list)
 
-        names = [f.name for f in scan_identity_folders(args.image_dir, skip_empty=True)]
-        train, hold = split_identities(names, args.holdout_fraction, args.seed)
+        folders = scan_identity_folders(args.image_dir, skip_empty=True)
+        train, hold = split_identities([f.name for f in folders], args.holdout_fraction,
+                                       args.seed)
         lists = {Path(args.train_list): train, Path(args.holdout_list): hold}
         if Path(args.train_list).resolve() == Path(args.holdout_list).resolve():
             raise ValueError("--train-list and --holdout-list are the same file")
-        with atomic_outputs(list(lists), overwrite=True) as tmp:  # both lists or neither
+        images = [p for f in folders for p in f.files]  # the dataset being split: never overwritten
+        with atomic_outputs(list(lists), overwrite=args.force,
+                            inputs=images) as tmp:  # both lists or neither
             for path, items in lists.items():
                 write_identity_list(tmp[path], items)
-        print(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
-              f"{args.holdout_list}")
+        _say(f"{len(train)} train identities -> {args.train_list}, {len(hold)} held out -> "
+             f"{args.holdout_list}")
     return 0
 
 
@@ -147,9 +172,16 @@ def _os_error(e: OSError) -> str:
     what = f"{e.filename}: {e.strerror}"
     if e.filename2 is not None:
         what += f" (-> {e.filename2})"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        what += " (no output was changed)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        what += " (no output was changed)"  # atomic_outputs: temp files first, then renames
     return what
+
+
+def _one_line(msg: str) -> str:
+    """``msg`` with control characters (a newline in a file name) and undecodable bytes
+    escaped, so an error stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in msg)
 
 
 def _build_bin_from_pairs_file(args, progress) -> None:
@@ -165,8 +197,8 @@ def _build_bin_from_pairs_file(args, progress) -> None:
                              resize=args.resize or None, resize_mode=args.resize_mode,
                              quality=args.quality, img_fmt=args.img_fmt, workers=args.workers,
                              overwrite=args.force, progress=progress)
-    print(f"wrote {r.path}: {r.pairs} pairs ({r.same} same) from {args.pairs_file} folds "
-          f"{','.join(str(k + 1) for k in folds)}, {r.num_identities} identities, {r.num_images} images")
+    _say(f"wrote {r.path}: {r.pairs} pairs ({r.same} same) from {args.pairs_file} folds "
+         f"{','.join(str(k + 1) for k in folds)}, {r.num_identities} identities, {r.num_images} images")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -178,11 +210,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run(args)
     except (RecordIOError, DatasetLayoutError, FileExistsError, FileNotFoundError,
             ValueError) as e:
-        msg = _os_error(e) if isinstance(e, OSError) else str(e)
+        msg = _one_line(_os_error(e) if isinstance(e, OSError) else str(e))
         print(f"otface-data {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:  # permissions, read-only or full disk, a file where a folder should be
-        print(f"otface-data {args.cmd}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"otface-data {args.cmd}: error: {_one_line(_os_error(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"otface-data {args.cmd}: interrupted; outputs are as before the run (or complete, "

@@ -50,6 +50,22 @@ _CACHE_VERSION = 1
 PathLike = Union[str, os.PathLike]
 
 
+def _fractional(arr: np.ndarray) -> np.ndarray:
+    """Mask of the entries of a float array that are not integers (NaN and inf included)."""
+    return ~np.isfinite(arr) | (arr != np.floor(arr))
+
+
+def _integral(values, what: str) -> np.ndarray:
+    """``values`` as int64, or an error naming the first entry that is not an integer (a float
+    2.5 would otherwise become 2 without a word)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(_fractional(arr))
+        if len(bad):
+            raise RecordIOError(f"{what} {int(bad[0])} is {float(arr[bad[0]])!r}, not an integer")
+    return arr.astype(np.int64)
+
+
 def default_cache_dir() -> Path:
     """Where caches go when the dataset directory is read-only."""
     env = os.environ.get("OTFACE_CACHE_DIR")
@@ -85,10 +101,10 @@ class IdentityIndex:
                     ) -> "IdentityIndex":
         """From per-identity record ranges ``[starts[c], ends[c])`` of an InsightFace header;
         dataset position = record id - ``first_record``. Empty identities are dropped."""
-        starts = np.asarray(starts, dtype=np.int64)
-        ends = np.asarray(ends, dtype=np.int64)
+        starts = _integral(starts, "the start of identity")
+        ends = _integral(ends, "the end of identity")
         labels = (np.arange(len(starts), dtype=np.int64) if identity_labels is None
-                  else np.asarray(identity_labels, dtype=np.int64))
+                  else _integral(identity_labels, "the label of identity"))
         if np.any(ends < starts):
             c = int(np.flatnonzero(ends < starts)[0])
             raise RecordIOError(f"identity {labels[c]} has range [{starts[c]}, {ends[c]})")
@@ -116,8 +132,18 @@ class IdentityIndex:
     def from_labels(cls, labels: np.ndarray, *, record_keys: Optional[np.ndarray] = None,
                     record_base: int = 0, valid: Optional[np.ndarray] = None,
                     source: str = "labels") -> "IdentityIndex":
-        """From one integer label per dataset position (``valid`` False = not an image)."""
+        """From one integer label per dataset position (``valid`` False = not an image); a
+        float label must be integral (3.0 is class 3, 2.5 an error naming its position)."""
         labels = np.asarray(labels)
+        if labels.dtype.kind == "f":
+            bad = _fractional(labels)
+            if valid is not None:
+                bad &= np.asarray(valid, dtype=bool)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise RecordIOError(f"the label at dataset position {i} is {float(labels[i])!r}, not "
+                                    f"an integer class id")
+            labels = np.where(np.isfinite(labels), labels, -1).astype(np.int64)
         n = len(labels)
         grouped = n and bool(np.all(labels[1:] >= labels[:-1]))
         if grouped and (valid is None or bool(np.all(valid))):
@@ -308,6 +334,11 @@ class _Builder:
                         f"{self.rec}: identity record {first + int(i)} has no "
                         f"[start, end) range (flag {h.flag})")
                 rng[i] = h.label[:2]
+        bad = np.flatnonzero(_fractional(rng).any(axis=1))
+        if len(bad):  # a range 1.5..3 would silently start at record 1
+            k = first + int(bad[0])
+            raise RecordIOError(f"{self.rec}: identity record {k} has range "
+                                f"{rng[bad[0]].tolist()}, not two integers [start, end)")
         starts, ends = rng[:, 0].astype(np.int64), rng[:, 1].astype(np.int64)
         if len(starts) and (starts.min() < 1 or ends.max() > first):
             raise RecordIOError(
@@ -326,7 +357,9 @@ class _Builder:
         if self.check_samples <= 0 or index.num_images == 0:
             return True
         rng = np.random.default_rng(0)
-        slots = rng.integers(0, index.num_images, size=min(self.check_samples, index.num_images))
+        # without replacement: a repeat draw would leave an image unchecked
+        slots = rng.choice(index.num_images, size=min(self.check_samples, index.num_images),
+                           replace=False)
         c = np.searchsorted(index.offsets, slots, side="right") - 1
         keys = index.record_ids(index.gather(slots))
         labels, valid = self._scan_labels(keys)

@@ -7,7 +7,10 @@ Two decoding conventions exist in the recipe's world and both are offered:
   ``mx.recordio.unpack_img`` uses): BGR, channels as stored for ``iscolor=-1``.
 
 Pillow is used for both encoding and decoding so the bytes we write do not depend on whether
-OpenCV happens to be installed.
+OpenCV happens to be installed. Where Pillow's defaults differ from OpenCV's 8-bit colour read
+(``IMREAD_COLOR``, what im2rec's ``cv2.imread`` and mxnet's decoder use), OpenCV is followed:
+16-bit grayscale is reduced to its high byte (Pillow's ``convert`` saturates it at 255), and
+input files are turned upright by their EXIF orientation (Pillow ignores it).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import io
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from otface_plugin.data.errors import ImageDecodeError
 
@@ -79,19 +82,59 @@ def _open(buf: bytes) -> Image.Image:
     return pil
 
 
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright, 2-8 a flip and/or rotation
+
+
+def _is_16bit(pil: Image.Image) -> bool:
+    """16-bit grayscale (older Pillows open a 16-bit grayscale PNG as mode "I"). Pillow opens
+    16-bit colour PNGs as their high bytes already, as OpenCV does."""
+    return pil.mode in _SIXTEEN_BIT or (pil.mode == "I" and pil.format == "PNG")
+
+
+def _high_byte(pil: Image.Image) -> Image.Image:
+    """16-bit grayscale as OpenCV reads it into 8 bits: value // 256."""
+    arr = np.asarray(pil).astype(np.int64) >> 8
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+
+
+def _upright(pil: Image.Image) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied, as OpenCV's colour and grayscale
+    reads do (JPEG and PNG alike)."""
+    try:
+        orientation = pil.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a corrupt EXIF block: OpenCV then reads the pixels as stored
+        return pil
+    return ImageOps.exif_transpose(pil) if orientation in range(2, 9) else pil
+
+
+def _as_opencv_reads(pil: Image.Image) -> Image.Image:
+    """What OpenCV's 8-bit colour or grayscale read gives: upright, 8 bits per channel."""
+    sixteen = _is_16bit(pil)  # before the transpose, which drops ``format``
+    pil = _upright(pil)
+    return _high_byte(pil) if sixteen else pil
+
+
 def open_image(path: str) -> Image.Image:
-    """Open an image file fully decoded; errors name the path."""
+    """Open an image file fully decoded, as ``cv2.imread(path, IMREAD_COLOR)`` sees it: upright
+    by its EXIF orientation and 8 bits per channel (see the module docstring); errors name the
+    path."""
     try:
         with open(path, "rb") as f:
-            return _open(f.read())
+            return _as_opencv_reads(_open(f.read()))
     except ImageDecodeError as e:
         raise ImageDecodeError(f"{path}: {e}") from None
 
 
 def decode_image(buf: bytes, flag: int = 1, to_rgb: bool = True) -> np.ndarray:
     """Like ``mx.image.imdecode(buf, flag, to_rgb).asnumpy()``: uint8 HxWx3 (RGB unless
-    ``to_rgb=False``) for ``flag=1``, HxWx1 grayscale for ``flag=0``."""
+    ``to_rgb=False``) for ``flag=1``, HxWx1 grayscale for ``flag=0``; 16-bit images reduced to
+    their high byte, as mxnet's OpenCV does. The EXIF orientation is not applied: mxnet
+    1.9.1's ``imdecode`` ignores it (tests/mxnet_compat checks both), and records written by
+    im2rec or ``build-rec`` are re-encoded upright without EXIF."""
     pil = _open(buf)
+    if _is_16bit(pil):
+        pil = _high_byte(pil)
     if flag == 0:
         return np.asarray(pil.convert("L"))[:, :, None]
     arr = np.asarray(pil.convert("RGB"))
@@ -102,9 +145,12 @@ def decode_image_cv2_style(buf: bytes, iscolor: int = -1, channel_order: str = "
                            ) -> np.ndarray:
     """Like ``cv2.imdecode(buf, iscolor)``: -1 keeps the stored channels (HxW for grayscale,
     HxWx3, HxWx4 with alpha), 0 gives HxW grayscale, 1 gives HxWx3. BGR unless
-    ``channel_order="rgb"``."""
+    ``channel_order="rgb"``. Like OpenCV, 0 and 1 apply the EXIF orientation and reduce 16-bit
+    images to their high byte; -1 gives the pixels as stored."""
     bgr = _check_order(channel_order)
     pil = _open(buf)
+    if iscolor >= 0:
+        pil = _as_opencv_reads(pil)
     if iscolor == 0 or (iscolor < 0 and pil.mode in ("1", "L")):
         return np.asarray(pil.convert("L"))
     if iscolor < 0 and pil.mode in ("I;16", "I;16B", "I"):

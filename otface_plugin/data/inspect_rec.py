@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from otface_plugin.data.dataset import read_image_record
 from otface_plugin.data.encoding import progress_bar
+from otface_plugin.data.errors import RecordIOError
 from otface_plugin.data.identity_index import IdentityIndex
-from otface_plugin.data.layout import check_label, class_bound, dataset_record_ids, header_range
+from otface_plugin.data.layout import (FLOAT32_EXACT, check_label, class_bound,
+                                       dataset_record_ids, header_range)
 from otface_plugin.data.recordio import MXIndexedRecordIO, unpack
 
 __all__ = ["inspect_rec", "format_summary"]
@@ -19,6 +21,31 @@ def _resolve(path: str):
     if os.path.isdir(path):
         path = os.path.join(path, "train.rec")
     return path, os.path.splitext(path)[0] + ".idx"
+
+
+def _header_identities(rec: str, idx: str, head: Optional[Tuple[int, int]]
+                       ) -> Optional[IdentityIndex]:
+    """The identity ranges exactly as record 0's header states them (no label spot check, no
+    cache), or None without a header or when its float32 ranges are rounded."""
+    if head is None or max(head) >= FLOAT32_EXACT:
+        return None
+    return IdentityIndex.from_rec(rec, idx, cache=False, check_samples=0)
+
+
+def _check_identity(ranges: IdentityIndex, claimed: np.ndarray, rec: str, head: Tuple[int, int],
+                    key: int, position: int, label: int) -> None:
+    """An image record inside identity c's header range must carry label c: InsightFace's
+    layout, and what a sampler built from the header assumes. Records in no range are left
+    alone (the header does not claim them)."""
+    c = int(claimed[position])
+    if c < 0 or label == c:
+        return
+    slot = int(np.searchsorted(ranges.identity_labels, c))
+    records = ranges.record_ids(ranges.positions(slot))
+    raise RecordIOError(
+        f"{rec}: record {key} (dataset position {position}) has label {label}, but identity "
+        f"record {head[0] + c} of the header puts records [{int(records.min())}, "
+        f"{int(records.max()) + 1}) in identity {c}")
 
 
 def inspect_rec(path: os.PathLike, *, verify: bool = False, cache: bool = True,
@@ -61,10 +88,14 @@ def inspect_rec(path: os.PathLike, *, verify: bool = False, cache: bool = True,
         if verify:
             out["records_in_rec"] = reader.check_coverage(full=True)
             keys = dataset_record_ids(reader, head)
+            ranges = _header_identities(rec, idx, head)
+            claimed = None if ranges is None else ranges.labels()  # identity per position
             bar = progress_bar(len(keys), "verify", progress)
             for i, k in enumerate(keys.tolist()):
                 label, _ = read_image_record(reader, k)
-                check_label(label, bound, rec, k, i)
+                c = check_label(label, bound, rec, k, i)
+                if ranges is not None:
+                    _check_identity(ranges, claimed, rec, head, k, i, c)
                 bar.update(1)
             bar.close()
             out["verified"] = int(len(keys))

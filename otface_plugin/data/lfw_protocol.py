@@ -106,6 +106,14 @@ def read_pairs_file(path: os.PathLike) -> PairsFile:
                 want = "'name i j' (same person)" if same else "'name1 i name2 j' (different people)"
                 raise DatasetLayoutError(f"{path} line {ln}: fold {k + 1} expects {want} here, got "
                                          f"{len(f)} field(s): {' '.join(f)!r}")
+            # either would be scored as what it is not: one person as a different pair, or an
+            # image against itself as a same pair
+            if not same and p.name1 == p.name2:
+                raise DatasetLayoutError(f"{path} line {ln}: a different-people line of fold {k + 1} "
+                                         f"names {p.name1!r} twice")
+            if same and p.num1 == p.num2:
+                raise DatasetLayoutError(f"{path} line {ln}: a same-person line of fold {k + 1} pairs "
+                                         f"image {p.num1} of {p.name1!r} with itself")
             fold.append(p)
         out.append(fold)
     return PairsFile(path, per, out)

@@ -57,14 +57,16 @@ def build_rec(image_dir: os.PathLike, out_prefix: os.PathLike, *, workers: int =
               resize: Optional[int] = 112, resize_mode: str = "crop", skip_bad: bool = False,
               quality: int = 95, img_fmt: str = ".jpg",
               identities: Optional[Sequence[str]] = None, overwrite: bool = False,
-              progress: Optional[bool] = None, recursive: bool = False) -> RecBuildReport:
+              progress: Optional[bool] = None, recursive: bool = False,
+              inputs: Sequence[os.PathLike] = ()) -> RecBuildReport:
     """Pack ``image_dir/<identity>/<image>`` into a .rec/.idx (see module docstring).
 
     Nothing is written unless the build succeeds: outputs are temp files committed at the end
     (all or nothing, also when killed; see :mod:`otface_plugin.data.atomic`), the ``.rec``
     being the commit marker. An unreadable image aborts with its path unless ``skip_bad`` (then
     it is reported). Images in sub-folders of an identity folder count with ``recursive``;
-    otherwise a warning says how many are left out.
+    otherwise a warning says how many are left out. ``inputs``: other files the build reads
+    (the identity list); like the images, they are never overwritten, ``overwrite`` or not.
     """
     rec_path, idx_path, prop_path = resolve_rec_outputs(out_prefix)
     folders = scan_identity_folders(image_dir, identities, skip_empty=skip_bad,
@@ -73,7 +75,7 @@ def build_rec(image_dir: os.PathLike, out_prefix: os.PathLike, *, workers: int =
     owner = [i for i, folder in enumerate(folders) for _ in folder.files]
     finals = [rec_path, idx_path] + ([prop_path] if prop_path else [])
     skipped: List[Tuple[str, str]] = []
-    with atomic_outputs(finals, overwrite=overwrite) as tmp:
+    with atomic_outputs(finals, overwrite=overwrite, inputs=[*files, *inputs]) as tmp:
         writer = MXIndexedRecordIO(tmp[idx_path], tmp[rec_path], "w")
         try:
             # Record 0 needs the final counts; its framed size does not depend on the values

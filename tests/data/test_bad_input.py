@@ -1,5 +1,10 @@
-"""Malformed inputs give clear errors naming the file and the record, and leave no output."""
+"""Malformed inputs give clear errors naming the file and the record, and leave no output;
+hostile file names and a full disk leave the user's files as they were."""
+import errno
+import hashlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,9 +14,11 @@ from otface_plugin.data import (IdentityIndex, IRHeader, MXIndexedRecordIO, MXRe
 from otface_plugin.data.cli import main as cli
 from otface_plugin.data.dataset import read_image_record
 from otface_plugin.data.errors import DatasetLayoutError, ImageDecodeError
+from otface_plugin.data.folders import read_identity_list
 from otface_plugin.data.imagecodec import encode_image
 from otface_plugin.data.rec_builder import build_rec
-from helpers import make_faces
+from conftest import REPO
+from helpers import make_faces, snapshot
 
 
 def write_rec(tmp_path, payloads, name="t"):
@@ -171,3 +178,137 @@ def test_existing_outputs_need_force(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert cli(["build-rec", str(root), str(tmp_path / "x"), "--no-progress", "--force"]) == 0
     assert (tmp_path / "x.rec").read_bytes() == first  # deterministic rebuild
+
+
+# ------------------------------------------------------------------ hostile names
+
+# a leading dash (an option to a careless parser), a newline (a second line in any message),
+# bytes that are not UTF-8 (surrogate escapes in Python, a strict UTF-8 stdout refuses them)
+# and an option's spelling
+HOSTILE = ["-dash", "new\nline", os.fsdecode(b"bytes\xff\xfe"), "--force"]
+
+
+def hostile_faces(root, bad=None):
+    """Identity folders and image files named HOSTILE; ``bad``: one more, undecodable, image
+    file of that name in the first folder."""
+    for c, ident in enumerate(HOSTILE):
+        (root / ident).mkdir(parents=True)
+        for j, name in enumerate(HOSTILE):
+            (root / ident / f"{name}.png").write_bytes(
+                encode_image(np.full((8, 8), 40 * c + j, np.uint8), ".png"))
+    if bad:
+        (root / HOSTILE[0] / bad).write_bytes(b"\x89PNG\r\n not really")
+    return root
+
+
+def test_hostile_names_in_and_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    hostile_faces(tmp_path / "-faces")
+    before = snapshot(tmp_path / "-faces")
+    train, hold = "-train\n" + os.fsdecode(b"\xff.txt"), "--hold.txt"
+    assert cli(["split", "--holdout-fraction", "0.5", f"--train-list={train}",
+                f"--holdout-list={hold}", "--", "-faces"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1 and "\\udcff" in out and "-train\\n" in out, out
+    held = read_identity_list(hold)
+    assert sorted(read_identity_list(train) + held) == sorted(HOSTILE)
+    ds = "-ds\n" + os.fsdecode(b"\xfe") + "/"
+    assert cli(["build-rec", "--no-progress", "--resize", "0", f"--identities-from={train}",
+                "--", "-faces", ds]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    index = IdentityIndex.from_rec(os.path.join(ds, "train.rec"), cache=False)
+    assert index.num_identities == 2 and index.num_images == 8
+    assert cli(["build-bin", "--no-progress", "--resize", "0", f"--identities-from={hold}",
+                "--pairs", "2", "--folds", "1", "--", "-faces", ds + "--force.bin"]) == 0
+    assert os.path.isfile(os.path.join(ds, "--force.bin"))
+    assert snapshot(tmp_path / "-faces") == before
+
+
+def test_hostile_name_of_a_bad_image_is_one_line(tmp_path, capsys):
+    root = hostile_faces(tmp_path / "faces", bad="broken\nimage.png")
+    out = tmp_path / "ds"
+    out.mkdir()
+    assert cli(["build-rec", str(root), str(out) + "/", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "-dash/broken\\nimage.png" in err and "--skip-bad" in err
+    assert os.listdir(out) == []
+
+
+def test_hostile_output_names_are_not_overwritten_without_force(tmp_path, capsys):
+    root = make_faces(tmp_path / "faces", n_id=4, n_img=2)
+    victim = tmp_path / ("-t\n" + os.fsdecode(b"\xff"))
+    victim.write_bytes(b"someone's file\n")
+    digest = hashlib.sha256(victim.read_bytes()).hexdigest()
+    assert cli(["split", str(root), "--train-list", str(victim), "--holdout-list",
+                str(tmp_path / "h.txt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "-t\\n\\udcff" in err and "--force" in err, err
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "h.txt").exists()
+
+
+def test_report_of_a_non_utf8_name_on_a_strict_stdout(tmp_path):
+    """A UTF-8 locale's stdout refuses undecodable bytes: printing the report used to fail
+    after the lists were written, so the run said "error" (exit 2) about a success."""
+    root = make_faces(tmp_path / "faces", n_id=4, n_img=1)
+    hold = os.fsencode(str(tmp_path)) + b"/h\xff.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}
+    r = subprocess.run([sys.executable, "-m", "otface_plugin.data.cli", "split", str(root),
+                        "--train-list", str(tmp_path / "t.txt"), b"--holdout-list=" + hold],
+                       env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert b"h\\udcff.txt" in r.stdout and os.path.exists(hold)
+
+
+# ------------------------------------------------------------------ full disk
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs: a real file system that fills up (needs root with mount rights)."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot mount a small tmpfs: {e}")
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+
+
+def fill(d):
+    """Fill the file system of ``d`` up to the last byte."""
+    with open(d / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("cmd", ["build-rec", "build-bin", "split"])
+@pytest.mark.parametrize("previous", [True, False], ids=["over-previous", "first"])
+def test_full_disk(tmp_path, small_fs, capsys, cmd, previous):
+    root = make_faces(tmp_path / "faces", n_id=4, n_img=3)
+    args = {"build-rec": ["build-rec", str(root), f"{small_fs}/", "--no-progress"],
+            "build-bin": ["build-bin", str(root), str(small_fs / "v.bin"), "--pairs", "4",
+                          "--folds", "2", "--no-progress"],
+            "split": ["split", str(root), "--train-list", str(small_fs / "t.txt"),
+                      "--holdout-list", str(small_fs / "h.txt")]}[cmd]
+    if previous:
+        assert cli(args) == 0
+    fill(small_fs)
+    before, inputs = snapshot(small_fs), snapshot(root)
+    capsys.readouterr()
+    assert cli(args + ["--force"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"otface-data {cmd}: error: {small_fs}/") and \
+        "No space left on device (no output was changed)" in err, err
+    assert snapshot(small_fs) == before and snapshot(root) == inputs  # no temp file either

@@ -311,3 +311,21 @@ def test_lfw_bin_from_pairs_txt_is_read_and_evaluated_by_the_recipe(lfw, tmp_pat
     assert res["pairs"] == 6000 and res["same"] == 3000
     assert res["shape"] == res["flip_shape"] == [12000, 3, 112, 112]
     assert 0.55 < res["accuracy"] < 1.0  # labels aligned with images; chance would be 0.5
+
+
+@pytest.mark.parametrize("text,message", [
+    (PAIRS_TXT.replace("Ann_A\t2\tCy_C\t1", "Ann_A\t2\tAnn_A\t1"),
+     "line 4: a different-people line of fold 1 names 'Ann_A' twice"),
+    (PAIRS_TXT.replace("Ed_E\t1\t2", "Ed_E\t2\t2"),
+     "line 7: a same-person line of fold 2 pairs image 2 of 'Ed_E' with itself"),
+])
+def test_build_bin_pairs_file_pair_of_one_thing_is_an_error(tmp_path, capsys, text, message):
+    root = make_named_faces(tmp_path / "images", PEOPLE)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(text)
+    out = tmp_path / "lfw.bin"
+    assert cli(["build-bin", str(root), str(out), "--pairs-file", str(pairs),
+                "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pairs} {message}" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

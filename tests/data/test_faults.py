@@ -158,3 +158,67 @@ def test_sigkill_at_every_commit_step(tmp_path, previous):
     assert "mid->old" in seen or not previous
     assert "mid->none" in seen or previous
     assert seen[-1].startswith("new") and len(seen) >= (10 if previous else 5), seen
+
+
+# ------------------------------------------------------------------ split killed
+
+
+SPLIT_NAMES = {"plain": ("train.txt", "hold.txt"),
+               # a newline, a leading dash and bytes that are not UTF-8 (surrogate escapes
+               # on the way through Python), in the names the journal records
+               "hostile": ("-train\nlist.txt", os.fsdecode(b"hold\xff.txt"))}
+
+
+@pytest.mark.parametrize("names", sorted(SPLIT_NAMES))
+def test_split_killed_at_every_commit_step(tmp_path, names):
+    """`split --force` over two earlier lists, SIGKILLed before each rename/delete of its
+    commit: right after, both lists of one run or neither (journal left); after the next run's
+    recovery, both old or both new lists, nothing hidden left."""
+    faces = make_faces(tmp_path / "faces", 8, 1)
+    out = tmp_path / "lists"
+    out.mkdir()
+    train, hold = (out / n for n in SPLIT_NAMES[names])
+
+    def run(seed, kill_at_step=0):
+        p = start(["split", str(faces), "--holdout-fraction", "0.5", "--seed", str(seed),
+                   "--train-list", str(train), "--holdout-list", str(hold), "--force"],
+                  kill_at_step)
+        p.join(60)
+        return p.exitcode
+
+    def lists():
+        return {p.name: p.read_bytes() for p in (train, hold) if p.exists()}
+
+    assert run(1) == 0
+    new = lists()
+    assert run(0) == 0
+    old = lists()
+    assert old != new and len(old) == 2
+    seen = []
+    for n in range(1, 30):
+        for p in (train, hold):
+            p.unlink()
+        for p, b in zip((train, hold), old.values()):
+            p.write_bytes(b)
+        code = run(1, n)
+        if code == 0:
+            assert lists() == new and [x for x in os.listdir(out) if x.startswith(".")] == []
+            break
+        assert code == -signal.SIGKILL
+        got = lists()
+        if train.name in got:
+            assert got in (old, new), "lists of two different runs"
+            seen.append("old" if got == old else "new")
+        else:
+            assert os.path.exists(out / f".{train.name}.otface-commit")
+            seen.append("mid")
+        from otface_plugin.data.atomic import recover_outputs
+
+        recover_outputs([train, hold])
+        assert lists() in (old, new)
+        assert [x for x in os.listdir(out) if x.startswith(".")] == []
+        seen[-1] += "->" + ("new" if lists() == new else "old")
+    else:
+        pytest.fail("split never completed")
+    print("states after the kills, then after recovery:", seen)
+    assert "mid->old" in seen and seen[-1].startswith("new"), seen

@@ -35,10 +35,11 @@ def offsets(ds):
             (ln.split("\t") for ln in (ds / "train.idx").read_text().splitlines())}
 
 
-def set_label(ds, key, value, field=0):
+def set_label(ds, key, value, field=0, images=range(1, N_ID * N_IMG + 1)):
     """Overwrite a float label in place (record size unchanged, .idx stays valid): the scalar
-    IRHeader label (field 0 of an image record) or the field-th float after the header."""
-    at = offsets(ds)[key] + 8 + (4 if key in range(1, 9) else 24 + 4 * field)
+    IRHeader label (field 0 of an image record, keys ``images``) or the field-th float after
+    the header."""
+    at = offsets(ds)[key] + 8 + (4 if key in images else 24 + 4 * field)
     with open(ds / "train.rec", "r+b") as f:
         f.seek(at)
         f.write(struct.pack("<f", value))
@@ -129,8 +130,14 @@ def test_idx_missing_an_image_entry(ds, capsys):
     at = offsets(ds)[2]
     lines = (ds / "train.idx").read_text().splitlines(keepends=True)
     (ds / "train.idx").write_text("".join(lines[:2] + lines[3:]))  # no key 2
-    rc, err = inspect(ds, capsys, "--verify")
-    assert rc == 2 and f"train.idx: the record at byte {at} of {ds / 'train.rec'} has no entry" in err
+    r = MXIndexedRecordIO(ds / "train.idx", ds / "train.rec", "r")
+    with pytest.raises(RecordIOError, match=f"train.idx: the record at byte {at} of "
+                                            f".*train.rec has no entry"):
+        r.check_coverage(full=True)
+    # the index's spot check, which draws every image of so small a file, meets it first
+    for flags in ((), ("--verify",)):
+        rc, err = inspect(ds, capsys, *flags)
+        assert rc == 2 and f"train.idx: record 2 is not in the index of {ds / 'train.rec'}" in err
     with pytest.raises(RecordIOError, match=r"train\.idx: record 2 is not in the index"):
         RecordFaceDataset(str(ds))
     r = MXIndexedRecordIO(ds / "train.idx", ds / "train.rec", "r")
@@ -147,3 +154,62 @@ def test_negative_idx_entry(ds, capsys):
     assert rc == 2 and "train.idx: record 2 (line 3) points to byte -8, before the start" in err
     with pytest.raises(RecordIOError, match=r"record 2 \(line 3\) points to byte -8"):
         RecordFaceDataset(str(ds))
+
+
+def test_label_contradicting_its_identity_range(ds, capsys):
+    set_label(ds, 3, 2.0)  # inside identity 1's range [3, 5), a valid class id, the wrong one
+    assert inspect(ds, capsys)[0] == 0  # the cheap check does not read image labels
+    rc, err = inspect(ds, capsys, "--verify")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert (f"{ds / 'train.rec'}: record 3 (dataset position 2) has label 2, but identity record "
+            f"10 of the header puts records [3, 5) in identity 1") in err
+
+
+def test_spot_check_reaches_every_image_of_a_small_file(tmp_path):
+    """64 images and 64 draws: drawn without replacement, every image is checked, so any
+    label that contradicts the header sends the index to the label scan."""
+    faces = tmp_path / "faces"
+    for c in range(4):
+        (faces / f"id{c}").mkdir(parents=True)
+        for j in range(16):
+            (faces / f"id{c}" / f"{j}.png").write_bytes(
+                encode_image(np.full((4, 4), 16 * c + j, np.uint8), ".png"))
+    out = tmp_path / "ds"
+    out.mkdir()
+    build_rec(faces, out, resize=None, img_fmt=".png")
+    missed = []
+    for key in range(1, 65):
+        right = (key - 1) // 16
+        set_label(out, key, float((right + 1) % 4), images=range(1, 65))
+        index = IdentityIndex.from_rec(out / "train.rec", cache=False)
+        if not index.source.startswith("label scan"):
+            missed.append(key)
+        set_label(out, key, float(right), images=range(1, 65))
+    assert missed == []
+    assert IdentityIndex.from_rec(out / "train.rec", cache=False).source.startswith("header")
+
+
+def test_fractional_identity_range(ds, capsys):
+    set_label(ds, 10, 3.5, field=0)  # identity 1's range [3, 5) becomes [3.5, 5)
+    rc, err = inspect(ds, capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{ds / 'train.rec'}: identity record 10 has range [3.5, 5.0]" in err
+    with pytest.raises(RecordIOError, match="identity record 10 has range"):
+        IdentityIndex.from_rec(ds / "train.rec", cache=False)
+
+
+def test_float_labels_must_be_integral():
+    index = IdentityIndex.from_labels(np.array([0.0, 0.0, 3.0, 1.0]))  # integral floats: fine
+    assert index.identity_labels.tolist() == [0, 1, 3]
+    assert index.identity_labels.dtype == np.int64
+    with pytest.raises(RecordIOError, match=r"label at dataset position 2 is 2\.5, not an "
+                                            r"integer class id"):
+        IdentityIndex.from_labels(np.array([0.0, 1.0, 2.5, 1.0]))
+    with pytest.raises(RecordIOError, match=r"position 1 is nan"):
+        IdentityIndex.from_labels(np.array([0.0, np.nan]))
+    # a position that is not an image carries no class: its label is not looked at
+    index = IdentityIndex.from_labels(np.array([0.0, 0.5, 1.0]),
+                                      valid=np.array([True, False, True]))
+    assert index.identity_labels.tolist() == [0, 1] and index.num_images == 2
+    with pytest.raises(RecordIOError, match=r"the start of identity 1 is 2\.5"):
+        IdentityIndex.from_ranges(np.array([1.0, 2.5]), np.array([2.0, 4.0]))

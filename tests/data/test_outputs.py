@@ -55,7 +55,7 @@ def test_split_writes_both_lists_or_neither(tmp_path, capsys):
     tr = tmp_path / "train.txt"
     tr.write_text("previous\n")
     assert cli(["split", str(root), "--holdout-fraction", "0.5", "--train-list", str(tr),
-                "--holdout-list", str(tmp_path / "blocker" / "hold.txt")]) == 2
+                "--holdout-list", str(tmp_path / "blocker" / "hold.txt"), "--force"]) == 2
     err = capsys.readouterr().err
     assert "blocker" in err and len(err.splitlines()) == 1
     assert tr.read_text() == "previous\n"  # the first list was not written either
@@ -169,10 +169,10 @@ def test_read_only_target_is_a_one_line_error(tmp_path, monkeypatch, capsys, cmd
                           "2", "--no-progress"],
             "split": ["split", str(root), "--train-list", str(tmp_path / "t.txt"),
                       "--holdout-list", str(ro / "h.txt")]}[cmd]
-    assert cli(args + (["--force"] if cmd != "split" else [])) == 0  # previous outputs
+    assert cli(args) == 0  # previous outputs
     before = snapshot(tmp_path)
     fake_read_only(monkeypatch, ro)
-    assert cli(args + (["--force"] if cmd != "split" else [])) == 2
+    assert cli(args + ["--force"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"otface-data {cmd}: error: {ro}") and "Permission denied" in err
@@ -236,3 +236,76 @@ def test_failed_commit_puts_previous_outputs_back(tmp_path, monkeypatch, capsys)
                 "--force"]) == 2
     assert "Permission denied" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------ existing outputs and inputs
+
+
+def sha256(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("which", ["train", "holdout"])
+def test_split_into_an_existing_file_needs_force(tmp_path, capsys, which):
+    root = make_faces(tmp_path / "faces", n_id=6, n_img=1)
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    victim = ds / "property"  # someone's dataset file, named by mistake
+    victim.write_text("40,112,112\n")
+    lists = {"train": tmp_path / "train.txt", "holdout": tmp_path / "hold.txt"}
+    lists[which] = victim
+    args = ["split", str(root), "--holdout-fraction", "0.5", "--train-list", str(lists["train"]),
+            "--holdout-list", str(lists["holdout"])]
+    before, digest = snapshot(tmp_path), sha256(victim)
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(victim) in err and "--force" in err, err
+    assert sha256(victim) == digest and snapshot(tmp_path) == before
+    assert cli(args + ["--force"]) == 0  # asked for: overwritten
+    assert victim.read_text() != "40,112,112\n"
+
+
+def _inputs_as_outputs(tmp_path):
+    """{case: (argv, the output that is an input)} for every writer."""
+    root = make_faces(tmp_path / "faces", n_id=4, n_img=3)
+    image = root / "id1" / "2.png"
+    (tmp_path / "link.png").symlink_to(image)  # the same file under another name
+    ids = tmp_path / "x.idx"  # an identity list that build-rec's PREFIX x would overwrite
+    ids.write_text("id0\nid1\nid2\nid3\n")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1 1\nid0\t1\t2\nid0\t1\tid1\t1\n")
+    (root / "id0" / "id0_0001.png").write_bytes((root / "id0" / "0.png").read_bytes())
+    (root / "id0" / "id0_0002.png").write_bytes((root / "id0" / "1.png").read_bytes())
+    (root / "id1" / "id1_0001.png").write_bytes((root / "id1" / "0.png").read_bytes())
+    bin_opts = ["--pairs", "4", "--folds", "2", "--no-progress"]
+    return {
+        "split-over-an-image": (["split", root, "--train-list", image, "--holdout-list",
+                                 tmp_path / "h.txt"], image),
+        "split-over-a-link-to-an-image": (["split", root, "--train-list", tmp_path / "t.txt",
+                                           "--holdout-list", tmp_path / "link.png"],
+                                          tmp_path / "link.png"),
+        "build-bin-over-an-image": (["build-bin", root, image, *bin_opts], image),
+        "build-bin-over-its-identity-list": (["build-bin", root, ids, *bin_opts,
+                                              "--identities-from", ids], ids),
+        "build-bin-over-its-pairs-file": (["build-bin", root, pairs, "--pairs-file", pairs,
+                                           "--no-progress"], pairs),
+        "build-rec-over-its-identity-list": (["build-rec", root, tmp_path / "x",
+                                              "--identities-from", ids, "--no-progress"], ids),
+    }
+
+
+CASES = ["split-over-an-image", "split-over-a-link-to-an-image", "build-bin-over-an-image",
+         "build-bin-over-its-identity-list", "build-bin-over-its-pairs-file",
+         "build-rec-over-its-identity-list"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_input_is_never_an_output_even_with_force(tmp_path, capsys, case):
+    argv, victim = _inputs_as_outputs(tmp_path)[case]
+    before = snapshot(tmp_path)
+    assert cli([str(a) for a in argv] + ["--force"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(victim) in err and "input" in err, err
+    assert snapshot(tmp_path) == before  # the input, and everything else, as it was

@@ -216,3 +216,21 @@ def test_bin_loads_with_mxnet_imdecode(tmp_path):
         assert img.shape == (112, 112, 3)
         pil = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
         assert np.abs(pil.astype(int) - img.asnumpy().astype(int)).max() <= 2
+
+
+def test_imdecode_of_16bit_and_exif_oriented_payloads(tmp_path):
+    """decode_image matches mx.image.imdecode where Pillow alone does not: a 16-bit PNG is its
+    high byte (Pillow's convert saturates it), and the EXIF orientation of a payload is not
+    applied (mxnet 1.9.1's decoder ignores it; build-rec stores images upright without EXIF)."""
+    a = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    buf = (tmp_path / "g16.png").read_bytes()
+    for flag in (0, 1):
+        np.testing.assert_array_equal(decode_image(buf, flag=flag),
+                                      mx.image.imdecode(buf, flag=flag).asnumpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = np.random.default_rng(0).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "o6.png", exif=exif.tobytes())
+    buf = (tmp_path / "o6.png").read_bytes()
+    np.testing.assert_array_equal(decode_image(buf), mx.image.imdecode(buf).asnumpy())
