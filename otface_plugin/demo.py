@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from otface_plugin import available_losses, build_loss
+from otface_plugin.cli_output import run_cli
 from otface_plugin.features import FeatureCapture
 from otface_plugin.mining import NonFiniteError
 
@@ -194,7 +195,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 1 the run failed (diverged, non-finite features), 2 bad options."""
+    """Exit status: 0 done, 1 the run failed (diverged, non-finite features), 2 bad options, 74
+    done but the output to stdout was lost (see ``otface_plugin.cli_output``)."""
+    return run_cli("otface-demo", lambda: _main(argv))
+
+
+def _main(argv) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args = parse_args(argv)
     try:

@@ -12,7 +12,7 @@ import signal
 import threading
 from typing import Iterator
 
-__all__ = ["sigterm_as_interrupt"]
+__all__ = ["sigterm_as_interrupt", "signals_deferred"]
 
 
 def _raise_interrupt(signum, frame):
@@ -31,3 +31,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM wait; they are delivered when it ends.
+
+    For a short step that must finish once begun (the installer's writes): a signal then lands
+    before or after it, never inside, so what the tool says about an interrupt is known to be
+    true. SIGKILL still ends the process anywhere. Where signal masks do not exist (Windows) or
+    off the main thread, the block runs unchanged."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -12,12 +12,15 @@ Temp files (``.NAME.*.otface-tmp``) a killed run left beside the files it writes
 by the next install or revert.
 
 Exit status: 0 done / installed, 1 not installed (--check), 2 refused (nothing changed),
-3 failed on a file system error (the message says what was put back).
+3 failed on a file system error (the message says what was put back), 130 interrupted (SIGINT
+or SIGTERM: the writes are never cut in two, so the message says whether they were done or not
+begun), 74 done but the report to stdout was lost (see ``otface_plugin.cli_output``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import stat
 import sys
@@ -28,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import otface_plugin
 from otface_plugin.atomicfile import atomic_write
+from otface_plugin.cli_output import outcome, run_cli
+from otface_plugin.interrupts import signals_deferred, sigterm_as_interrupt
 from otface_plugin.arcface_torch.patchset import (
     PatchError,
     apply_all,
@@ -131,25 +136,60 @@ def shipped_configs() -> Dict[str, bytes]:
     }
 
 
+# what a manifest may name: a file directly in configs/ (revert deletes what it names)
+_CONFIG_ENTRY = re.compile(r"configs/[^/\\]+")
+_BLOB_ID = re.compile(r"[0-9a-f]{40}")
+
+
 def read_manifest(root: Path) -> dict:
+    """The manifest of an earlier install, checked: it decides which files --revert deletes, so
+    an entry outside configs/ (``../x``) or a malformed one refuses instead of being obeyed."""
     path = root / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InstallRefused(f"{path} is not valid JSON ({exc}); remove it or restore it") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:
+        raise InstallRefused(f"{path} is not a manifest otface-install wrote ({exc}); "
+                             "remove it or restore it") from None
+    configs = manifest.get("configs", {}) if isinstance(manifest, dict) else None
+    if not isinstance(configs, dict):
+        raise InstallRefused(f"{path} is not a manifest otface-install wrote (no 'configs' table); "
+                             "remove it or restore it")
+    for rel, blob in configs.items():
+        if (not _CONFIG_ENTRY.fullmatch(rel) or rel in ("configs/.", "configs/..")
+                or not isinstance(blob, str) or not _BLOB_ID.fullmatch(blob)):
+            raise InstallRefused(f"{path} is not a manifest otface-install wrote (entry {rel!r}: "
+                                 "not a file in configs/ with a blob id); remove it or restore it")
+    return manifest
+
+
+def describe_differences(root: Path, pinned: Dict[str, str]) -> List[str]:
+    """``path: missing``, ``path: not a regular file`` or ``path: modified (blob X, pinned Y)``
+    for each file of ``pinned`` (path -> git blob id) that ``root`` does not hold as pinned."""
+    found = []
+    for rel, blob in sorted(pinned.items()):
+        f = root / rel
+        if not f.exists() and not f.is_symlink():
+            found.append(f"{rel}: missing")
+        elif not f.is_file():
+            found.append(f"{rel}: not a regular file")
+        else:
+            have = git_blob_id(f.read_bytes())
+            if have != blob:
+                found.append(f"{rel}: modified (blob {have[:10]}, pinned {blob[:10]})")
+    return found
 
 
 def _refuse_modified(states: Sequence[FileState], root: Path) -> None:
     bad = [s for s in states if s.state in (MODIFIED, MISSING)]
     if bad:
-        lines = "\n".join(f"  {s.path}: {s.state}" for s in bad)
+        differ = describe_differences(root, {s.path: UPSTREAM_BLOBS[s.path] for s in bad})
         raise InstallRefused(
             f"{root} is not the arcface_torch version these patches are for "
-            f"({UPSTREAM_REPO}@{UPSTREAM_COMMIT[:10]}, {UPSTREAM_SUBDIR}); files that differ:\n{lines}\n"
-            "Nothing was changed. Check out the pinned version of these files, or use the no-patch "
-            "route (otface-train) on a pinned checkout."
+            f"({UPSTREAM_REPO}@{UPSTREAM_COMMIT[:10]}, {UPSTREAM_SUBDIR}); files that differ: "
+            f"{'; '.join(differ)}. Nothing was changed. Check out the pinned version of these files, "
+            "or use the no-patch route (otface-train) on a pinned checkout."
         )
 
 
@@ -170,8 +210,10 @@ def plan_install(root: Path, patch_names: Optional[Sequence[str]] = None, config
             rel = f"configs/{name}"
             dest = root / rel
             new_manifest["configs"][rel] = git_blob_id(data)
-            if not dest.exists():
+            if not dest.exists() and not dest.is_symlink():
                 plan.writes[rel] = data
+            elif not dest.is_file():  # a folder, a FIFO (reading it would block), a broken link
+                clashes.append(rel)
             elif dest.read_bytes() == data:
                 continue
             elif git_blob_id(dest.read_bytes()) == recorded.get(rel):
@@ -180,8 +222,8 @@ def plan_install(root: Path, patch_names: Optional[Sequence[str]] = None, config
                 clashes.append(rel)
         if clashes:
             raise InstallRefused(
-                "these files exist and were not written by otface-install; move them away first "
-                "(nothing was changed):\n" + "\n".join(f"  {c}" for c in clashes)
+                f"these files exist in {root} and were not written by otface-install: "
+                f"{', '.join(clashes)}; move them away first (nothing was changed)"
             )
         manifest_data = _manifest_bytes(new_manifest)
         manifest_path = root / MANIFEST
@@ -314,8 +356,12 @@ def _clean_temp_files(root: Path, plan: Plan, dry_run: bool) -> None:
         rel = tmp.relative_to(root)
         if dry_run:
             plan.notes.append(f"would remove {rel} (left by an interrupted run)")
-        else:
+            continue
+        try:
             tmp.unlink(missing_ok=True)
+        except OSError as exc:  # a leftover is harmless: say so and go on, rather than fail the install
+            plan.notes.append(f"could not remove {rel} (left by an interrupted run): {exc.strerror or exc}")
+        else:
             plan.notes.append(f"removed {rel} (left by an interrupted run)")
 
 
@@ -331,18 +377,26 @@ def _describe(plan: Plan, verb: str) -> str:
 def install(root: Path, dry_run: bool = False, patch_names: Optional[Sequence[str]] = None,
             configs: bool = True) -> Plan:
     plan = plan_install(root, patch_names, configs)
-    _clean_temp_files(root, plan, dry_run)
-    if not dry_run:
-        execute(root, plan)
+    _apply(root, plan, dry_run)
     return plan
 
 
 def revert(root: Path, dry_run: bool = False) -> Plan:
     plan = plan_revert(root)
-    _clean_temp_files(root, plan, dry_run)
-    if not dry_run:
-        execute(root, plan)
+    _apply(root, plan, dry_run)
     return plan
+
+
+def _apply(root: Path, plan: Plan, dry_run: bool, applied: Optional[List[bool]] = None) -> None:
+    """Remove stale temp files and write the plan. SIGINT/SIGTERM wait until both are done (a
+    few milliseconds), so an interrupt never splits them; ``applied`` gets True appended inside
+    that window, so a caller that sees the deferred interrupt knows the writes were made."""
+    with signals_deferred():
+        _clean_temp_files(root, plan, dry_run)
+        if not dry_run:
+            execute(root, plan)
+        if applied is not None:
+            applied.append(True)
 
 
 def check(root: Path) -> Tuple[Status, List[FileState]]:
@@ -370,6 +424,10 @@ def copy_checkout(src: Path, dst: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli("otface-install", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(
         prog="otface-install",
         description="Patch an InsightFace recognition/arcface_torch checkout so that its train_v2.py "
@@ -383,22 +441,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     root = args.arcface_torch_dir
     where, version = Path(root).resolve(), otface_plugin.__version__
+    applied: List[bool] = []
+    what = "revert" if args.revert else "install"
     try:
-        if args.check:
-            status, states = check(root)
-            for s in states:
-                print(f"  {s.path}: {s.state}")
-            print(f"otface-plugin {version}: {status} in {where}")
-            return {Status.INSTALLED: 0, Status.REFUSED: 2}.get(status, 1)
-        if args.revert:
-            plan = revert(root, dry_run=args.dry_run)
-            _report(plan, f"nothing to revert in {where} (not installed)",
-                    f"{'would revert' if args.dry_run else 'reverted'} {where}", "restore")
+        with sigterm_as_interrupt():  # a kill by a scheduler gets the same truthful message as Ctrl-C
+            if args.check:
+                status, states = check(root)
+                outcome(f"{status} in {where}")
+                for s in states:
+                    print(f"  {s.path}: {s.state}")
+                print(f"otface-plugin {version}: {status} in {where}")
+                return {Status.INSTALLED: 0, Status.REFUSED: 2}.get(status, 1)
+            if args.revert:
+                plan = plan_revert(root)
+                _apply(root, plan, args.dry_run, applied)
+                done = f"{'would revert' if args.dry_run else 'reverted'} {where}"
+                outcome(done if plan.writes else f"nothing to revert in {where}")
+                _report(plan, f"nothing to revert in {where} (not installed)", done, "restore")
+            else:
+                plan = plan_install(root)
+                _apply(root, plan, args.dry_run, applied)
+                done = f"{'would install' if args.dry_run else 'installed'} otface-plugin {version} in {where}"
+                outcome(done if plan.writes else f"otface-plugin {version} already installed in {where}")
+                _report(plan, f"otface-plugin {version} already installed in {where}", done, "write")
+            return 0
+    except KeyboardInterrupt:
+        if args.check or args.dry_run:
+            state = "nothing was changed"
+        elif applied:
+            state = f"the {what} was complete ({where} is {'reverted' if args.revert else 'installed'})"
         else:
-            plan = install(root, dry_run=args.dry_run)
-            _report(plan, f"otface-plugin {version} already installed in {where}",
-                    f"{'would install' if args.dry_run else 'installed'} otface-plugin {version} in {where}", "write")
-        return 0
+            state = f"before any file was written; {where} is as it was"
+        print(f"otface-install: interrupted; {state}", file=sys.stderr)
+        return 130
     except InstallRefused as exc:
         print(f"otface-install: refused: {exc}", file=sys.stderr)
         return 2
@@ -406,7 +481,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"otface-install: failed: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:  # reading the checkout (planning): nothing was written yet
-        print(f"otface-install: failed: {exc}; nothing was changed", file=sys.stderr)
+        reason = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc
+        print(f"otface-install: failed: {reason}; nothing was changed", file=sys.stderr)
         return 3
 
 

@@ -16,7 +16,9 @@ CONFIG is looked up like train_v2.py does (``configs/NAME`` in the checkout); th
 example configs (``configs/ms1mv3_r50_otface`` ...) are found too, without copying them.
 
 Exit status: 0 done, 1 the run stopped on an expected failure (a missing file, NaN/inf
-features), 2 refused checkout or bad config; each is one line on stderr, not a traceback.
+features), 2 refused checkout, bad config or a missing dependency of the recipe (named, with the
+package to install); each is one line on stderr, not a traceback. 74: done, but the output to
+stdout was lost (see ``otface_plugin.cli_output``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from otface_plugin.arcface_torch import installer
-from otface_plugin.arcface_torch.patchset import git_blob_id
+from otface_plugin.cli_output import run_cli
 from otface_plugin.arcface_torch.pins import UPSTREAM_BLOBS, UPSTREAM_COMMIT, UPSTREAM_UNPATCHED_BLOBS
 from otface_plugin.arcface_torch.shipped import shipped_dir
 
@@ -41,24 +43,17 @@ class RefusedCheckout(RuntimeError):
 
 def patched_sources(root: Path) -> Dict[str, bytes]:
     """Relative path -> patched bytes, after checking every pinned file's blob id."""
-    pinned = {**UPSTREAM_BLOBS, **UPSTREAM_UNPATCHED_BLOBS}
-    differ = []
-    for rel, blob in sorted(pinned.items()):
-        f = root / rel
-        if not f.is_file():
-            differ.append(f"  {rel}: missing")
-        elif git_blob_id(f.read_bytes()) != blob:
-            differ.append(f"  {rel}: modified")
+    differ = installer.describe_differences(root, {**UPSTREAM_BLOBS, **UPSTREAM_UNPATCHED_BLOBS})
     if differ:
         hint = ""
         try:
             if installer.check(root)[0] == installer.Status.INSTALLED:
-                hint = "\nThis checkout is already patched by otface-install: run its train_v2.py directly."
+                hint = ". This checkout is already patched by otface-install: run its train_v2.py directly"
         except Exception:  # the hint is best effort; the refusal itself is what matters
             pass
         raise RefusedCheckout(
             f"{root} is not the arcface_torch version otface-train knows (commit {UPSTREAM_COMMIT[:10]}); "
-            "files that differ:\n" + "\n".join(differ) + hint
+            "files that differ: " + "; ".join(differ) + hint
         )
     # every pinned file is pristine here, so the installer's view holds the patched bytes
     return {state.path: state.patched for state in installer.inspect_checkout(root)}
@@ -137,7 +132,31 @@ def _compile(data: bytes, path: Path):
     return compile(data, str(path), "exec")
 
 
+# import name -> the distribution that provides it, where the two differ (else the same name)
+PIP_NAMES = {"sklearn": "scikit-learn", "yaml": "PyYAML", "cv2": "opencv-python-headless",
+             "PIL": "pillow", "skimage": "scikit-image"}
+
+
+def missing_dependency(exc: ImportError) -> str:
+    """One line for an import the recipe needs and this environment lacks: the module and the
+    package that provides it. A wrapped import error (torch's "TensorBoard logging requires
+    TensorBoard") is traced to the ModuleNotFoundError behind it."""
+    cause: Optional[BaseException] = exc
+    while cause is not None and not (isinstance(cause, ModuleNotFoundError) and cause.name):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return f"cannot import what the recipe needs: {' '.join(str(exc).split())}"
+    top = cause.name.split(".")[0]
+    return (f"missing module {cause.name!r} (imported by the recipe or its config): "
+            f"pip install {PIP_NAMES.get(top, top)} (the recipe's whole environment: "
+            "'The training environment' in otface-plugin's docs/integration.md)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli("otface-train", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(
         prog="otface-train",
         description="Run arcface_torch's train_v2.py (or another of its scripts) with the otface-plugin "
@@ -173,11 +192,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, NonFiniteError) as exc:
         print(f"otface-train: error: {exc}", file=sys.stderr)
         return 1
-    except ModuleNotFoundError as exc:  # get_config imports configs.NAME; other imports keep their traceback
-        if not (exc.name or "").startswith("configs."):
-            raise
-        print(f"otface-train: bad config: no config {args.config} (looked for module {exc.name} in "
-              f"{Path(args.arcface_root).resolve() / 'configs'} and the plugin's example configs)", file=sys.stderr)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("configs."):  # get_config imports configs.NAME
+            print(f"otface-train: bad config: no config {args.config} (looked for module {exc.name} in "
+                  f"{Path(args.arcface_root).resolve() / 'configs'} and the plugin's example configs)",
+                  file=sys.stderr)
+        else:
+            print(f"otface-train: {missing_dependency(exc)}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"otface-train: {missing_dependency(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -34,6 +34,7 @@ from otface_plugin.bench.data import SAMPLERS, BenchError, default_dataset_dir
 from otface_plugin.bench.recipe import ROUTES
 from otface_plugin.bench.study import ABLATION_GRID, StudyConfig, lfw_config, run_study, toy_config
 from otface_plugin.bench.spec import LOSS_CHOICES, LOSSES
+from otface_plugin.cli_output import outcome, run_cli
 from otface_plugin.data.errors import DatasetLayoutError
 from otface_plugin.interrupts import sigterm_as_interrupt
 
@@ -171,6 +172,10 @@ def write_outputs(results, scores, issame, out: Path, command: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli("otface-bench", lambda: _main(argv))
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -208,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # one line; finished runs are kept, so a fixed call resumes.
         print(f"otface-bench: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    outcome(f"wrote {Path(cfg.out) / 'REPORT.md'}")
     print(f"otface-bench: wrote {Path(cfg.out) / 'REPORT.md'} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

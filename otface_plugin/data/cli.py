@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from otface_plugin.cli_output import run_cli
 from otface_plugin.data.errors import DatasetLayoutError, RecordIOError
 from otface_plugin.interrupts import sigterm_as_interrupt
 
@@ -202,6 +203,10 @@ def _build_bin_from_pairs_file(args, progress) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli("otface-data", lambda: _main(argv))
+
+
+def _main(argv: Optional[List[str]]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -308,3 +308,191 @@ def test_states_are_str_enums_that_print_as_before():
     assert installer.Status.INSTALLED == "installed" and f"{installer.Status.PARTIAL}" == "partially installed"
     assert str(installer.FileKind.MODIFIED) == "modified" and f"{installer.FileKind.MISSING:>8}" == " missing"
     assert {installer.Status.INSTALLED: 0}.get("installed") == 0
+
+
+# ---- a broken stdout, interrupts at every point, foreign files, hostile names -------------------
+from stdout_faults import FAULTS, check_report, run_with_stdout  # noqa: E402
+
+CLI = [sys.executable, str(REPO / "install_plugin.py")]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def fully_installed(checkout: Path) -> bool:
+    """Patched, with every config and the manifest in place: a new install would write nothing."""
+    return installer.check(checkout)[0] == "installed" and not installer.plan_install(checkout).writes
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("args, installed_before, rc", [
+    ([], False, 0), (["--revert"], True, 0), (["--check"], True, 0), (["--check"], False, 1),
+], ids=["install", "revert", "check-installed", "check-not-installed"])
+def test_a_broken_stdout_never_gives_a_false_report(checkout, fault, args, installed_before, rc):
+    """Before: the install or revert was complete, then 'failed: ... nothing was changed', exit 3."""
+    pristine = snapshot(checkout)
+    if installed_before:
+        installer.install(checkout)
+    r = run_with_stdout(fault, [*CLI, str(checkout), *args], env=ENV)
+    installed = installed_before if "--check" in args else not installed_before
+    did = {"install": f"installed otface-plugin {installer.otface_plugin.__version__} in {checkout}",
+           "--revert": f"reverted {checkout}", "--check": f"installed in {checkout}"}[(args or ["install"])[0]]
+    check_report(fault, r, "otface-install", rc, did)
+    assert fully_installed(checkout) if installed else snapshot(checkout) == pristine
+
+
+SIGNAL_AT = """
+import os, signal, sys
+from otface_plugin.arcface_torch import installer
+where, nth, sig = sys.argv[2], int(sys.argv[3]), getattr(signal, sys.argv[4])
+real_replace, real_unlink, real_plan, steps = os.replace, os.unlink, installer.plan_install, []
+def step():  # the signal arrives just before the Nth rename or removal
+    steps.append(1)
+    if where == "write" and len(steps) == nth:
+        os.kill(os.getpid(), sig)
+def replace(src, dst):
+    step()
+    real_replace(src, dst)
+def unlink(path, *a, **k):
+    step()
+    real_unlink(path, *a, **k)
+def plan_install(*a, **k):  # ... or while the checkout is being read
+    if where == "plan":
+        os.kill(os.getpid(), sig)
+    return real_plan(*a, **k)
+os.replace, os.unlink, installer.plan_install = replace, unlink, plan_install
+sys.exit(installer.main(sys.argv[1:2] + sys.argv[5:]))
+"""
+
+
+def signal_during(checkout, where, nth, sig, *args):
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT, str(checkout), where, str(nth), sig, *args],
+                          capture_output=True, text=True, env=ENV)
+
+
+def test_sigterm_during_the_writes_lets_them_finish_and_says_so(checkout):
+    """Before: SIGTERM's default action ended the process between two renames (partly patched)."""
+    r = signal_during(checkout, "write", 3, "SIGTERM")
+    assert r.returncode == 130 and r.stderr == f"otface-install: interrupted; the install was complete " \
+                                               f"({checkout} is installed)\n"
+    assert fully_installed(checkout) and not list(checkout.rglob(f"*{installer.TEMP_SUFFIX}"))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_interrupt_while_reading_the_checkout_changes_nothing(checkout, sig):
+    before = snapshot(checkout)
+    r = signal_during(checkout, "plan", 0, sig)
+    assert r.returncode == 130 and r.stderr == f"otface-install: interrupted; before any file was written; " \
+                                               f"{checkout} is as it was\n"
+    assert snapshot(checkout) == before
+
+
+@pytest.mark.parametrize("action", ["install", "revert"])
+def test_sigkill_at_every_commit_point_leaves_a_state_the_next_run_completes(checkout, action):
+    """SIGKILL before each rename and each removal of an install or a revert, in turn, until a
+    run gets through: every file is left with its old or its new bytes (check never says
+    'refused'), at most one temp file stays, and the same command run again finishes the job."""
+    pristine = snapshot(checkout)
+    args = ["--revert"] if action == "revert" else []
+    for nth in range(1, 100):
+        if action == "revert":
+            installer.install(checkout)
+        r = signal_during(checkout, "write", nth, "SIGKILL", *args)
+        if r.returncode == 0:
+            break
+        assert r.returncode == -9, r.stderr
+        assert len(installer.stale_temp_files(checkout)) <= 1, nth
+        assert installer.check(checkout)[0] != "refused", nth
+        getattr(installer, action)(checkout)
+        assert not installer.stale_temp_files(checkout), nth
+        assert fully_installed(checkout) if action == "install" else snapshot(checkout) == pristine, nth
+        installer.revert(checkout)
+    assert nth > 10  # every patched file, config and the manifest is a commit point
+
+
+def test_wrong_upstream_version_is_one_line_naming_the_file_and_its_blob(checkout):
+    """As a checkout at another commit would be: one pinned file with other bytes."""
+    f = checkout / "partial_fc_v2.py"
+    f.write_bytes(f.read_bytes().replace(b"import math", b"import math  # newer upstream"))
+    blob = git_blob_id(f.read_bytes())
+    before = snapshot(checkout)
+    for args in ([], ["--revert"]):
+        r = run_cli(checkout, *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"files that differ: partial_fc_v2.py: modified (blob {blob[:10]}, pinned " \
+               f"{UPSTREAM_BLOBS['partial_fc_v2.py'][:10]}). Nothing was changed." in r.stderr
+    assert snapshot(checkout) == before
+
+
+@pytest.mark.parametrize("foreign", ["binary", "folder", "symlink-loop"])
+def test_a_foreign_file_where_an_upstream_file_should_be_is_refused(checkout, foreign):
+    target = checkout / "dataset.py"
+    target.unlink()
+    if foreign == "binary":
+        target.write_bytes(os.urandom(4096) + b"\xff\xfe")
+        why = "dataset.py: modified (blob "
+    elif foreign == "folder":
+        target.mkdir()
+        why = "dataset.py: not a regular file"
+    else:
+        target.symlink_to(target)
+        why = "dataset.py: not a regular file"
+    r = run_cli(checkout)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+    assert installer.check(checkout)[0] == "refused"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_fifo_or_folder_where_a_config_goes_is_a_clash_not_a_hang(checkout, kind):
+    """Before: reading the FIFO blocked forever; a folder gave 'failed: [Errno 21] ...'."""
+    dest = checkout / "configs" / "ms1mv3_r50_otface.py"
+    os.mkfifo(dest) if kind == "fifo" else dest.mkdir()
+    before = snapshot(checkout)
+    r = subprocess.run([*CLI, str(checkout)], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "configs/ms1mv3_r50_otface.py" in r.stderr
+    assert snapshot(checkout) == before
+
+
+@pytest.mark.parametrize("manifest", [
+    b"[]", b'{"configs": "all"}', b"\xff\xfe not json", b'{"configs": {"configs/x.py": 3}}',
+    b'{"configs": {"configs/../../victim.txt": "%s"}}', b'{"configs": {"../victim.txt": "%s"}}',
+], ids=["list", "configs-str", "binary", "blob-not-str", "dotdot-inside", "outside"])
+def test_a_foreign_manifest_refuses_and_deletes_nothing(checkout, manifest):
+    """--revert deletes what the manifest lists: an entry naming a file outside configs/ (with
+    that file's real blob id) must not be obeyed. Before: the victim was deleted, or a
+    malformed manifest was an AttributeError traceback."""
+    installer.install(checkout)
+    victim = checkout.parent / "victim.txt"
+    victim.write_bytes(b"the user's file\n")
+    if b"%s" in manifest:
+        manifest = manifest % git_blob_id(victim.read_bytes()).encode()
+    (checkout / installer.MANIFEST).write_bytes(manifest)
+    before = snapshot(checkout)
+    for args in (["--revert"], []):
+        r = run_cli(checkout, *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"otface-install: refused: {checkout / installer.MANIFEST} is not a manifest "
+                                   "otface-install wrote")
+    assert victim.read_bytes() == b"the user's file\n" and snapshot(checkout) == before
+
+
+@pytest.mark.parametrize("name", ["with space", "-leading-dash", "ünïcødé", "[glob]*?", "new\nline", b"bad\xffbytes"],
+                         ids=["space", "dash", "unicode", "glob", "newline", "undecodable"])
+def test_hostile_directory_names(tmp_path, name, request):
+    """The checkout under a name a shell or a codec trips on: install, check and revert work and
+    say so. Before: an undecodable name (a valid Linux file name) installed, then raised
+    UnicodeEncodeError printing the report."""
+    parent = os.fsencode(tmp_path) + b"/" + (name if isinstance(name, bytes) else os.fsencode(name))
+    os.mkdir(parent)
+    checkout = installer.copy_checkout(UPSTREAM, Path(os.fsdecode(parent)) / "arcface_torch")
+    pristine = snapshot(checkout)
+    env = {**ENV, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+
+    def cli(*opts):
+        return subprocess.run([*CLI, *opts, "--", os.fsencode(checkout)], capture_output=True, env=env)
+
+    r = cli()
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert fully_installed(checkout)
+    r = cli("--check")
+    assert r.returncode == 0 and b"installed in" in r.stdout and r.stderr == b""
+    r = cli("--revert")
+    assert r.returncode == 0 and r.stderr == b"" and snapshot(checkout) == pristine
