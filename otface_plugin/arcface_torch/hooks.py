@@ -177,15 +177,16 @@ def gather_class_centres(weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class HardRefresh:
-    """A hard sampler and when the recipe refreshes it: every ``refresh_steps`` steps and at each
-    epoch end, in effect ``lead`` steps later (the loader has planned that far ahead)."""
+    """A hard sampler and the recipe's refresh settings: every ``refresh_steps`` steps and at
+    each epoch end, in effect ``lead`` steps later (the loader has planned that far ahead); the
+    schedule itself is the sampler's (:meth:`HardPKSampler.refresh_due`)."""
 
     sampler: Any  # HardPKSampler
     refresh_steps: int
     lead: int
 
     def due(self, global_step: int) -> bool:
-        return not (global_step % self.refresh_steps and global_step % self.sampler.steps_per_epoch)
+        return self.sampler.refresh_due(global_step, self.refresh_steps)
 
     def maybe_refresh(self, head: torch.nn.Module, global_step: int) -> None:
         if self.due(global_step):
@@ -196,17 +197,15 @@ class HardRefresh:
         the sampler on every rank alike; ``global_step`` None: at a resume, for the next epoch.
         A refresh changes the steps from ``lead`` on (or the next epoch), so the loader's workers
         and prefetched batches stay as they are."""
-        sampler, steps = self.sampler, self.sampler.steps_per_epoch
+        sampler = self.sampler
         partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
         start = time.perf_counter()
         with torch.no_grad():
-            table = sampler.neighbour_table(gather_class_centres(partial_fc.weight), sharded=True)
+            table = sampler.refresh(gather_class_centres(partial_fc.weight), global_step, self.lead, sharded=True)
         seconds = time.perf_counter() - start
-        from_step = None if global_step is None else (global_step - 1) % steps + 1 + self.lead
-        sampler.update_neighbours(table, from_step)
+        from_step = sampler.refresh_start(global_step, self.lead)
         if (distributed.get_rank() if distributed.is_initialized() else 0) == 0:
-            when = (f"step {from_step} of this epoch" if from_step is not None and from_step < steps
-                    else "the next epoch")
+            when = f"step {from_step} of this epoch" if from_step is not None else "the next epoch"
             logging.info("HardPKSampler refresh at global step %s: %d identities, neighbours in %.3f s, "
                          "table %s, in effect from %s", "resume" if global_step is None else global_step,
                          len(table), seconds, hashlib.sha1(table.tobytes()).hexdigest()[:12], when)
