@@ -34,8 +34,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import distributed
-from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 from torch.utils._pytree import tree_map
+
+try:  # torch >= 2.1: what a wrapper tensor needs for views and in-place ops to alias correctly
+    from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
+except ImportError:  # pragma: no cover - older torch: the check cannot run
+    pytest.skip("the device check needs torch >= 2.1 (return_and_correct_aliasing)", allow_module_level=True)
 
 from otface_plugin import build_loss
 from otface_plugin.arcface_torch import hooks
