@@ -149,7 +149,10 @@ class _Folder(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("sampler", ["pk", "hard"])
-def test_num_classes_below_the_labels_is_refused_by_the_plugin_sampler(sampler):
+def test_num_classes_below_the_labels_is_refused_by_the_plugin_sampler(sampler, monkeypatch):
+    from otface_plugin.arcface_torch.hooks import RECIPE
+
+    monkeypatch.setattr(RECIPE, "hard", None)  # a hard sampler built here is gone after this test
     cfg = cfg_for("otface", otface=edict(feature="embedding"), sampler=sampler, num_image=80, num_classes=10)
     with pytest.raises(ConfigError, match=r"key 'num_classes' is 10, but the _Folder dataset holds 40 identities "
                                           r"with labels 0\.\.39: set num_classes to at least 40"):

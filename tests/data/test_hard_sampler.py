@@ -259,6 +259,9 @@ def test_recipe_hook_and_study_loop_refresh_on_the_sampler_schedule(monkeypatch)
         def __len__(self):
             return len(self.targets)
 
+    from otface_plugin.arcface_torch.hooks import RECIPE
+
+    monkeypatch.setattr(RECIPE, "hard", None)  # the hook's process-wide sampler: gone after this test
     sampler = build_sampler(cfg)(Folder(), num_replicas=1, rank=0, seed=0)
     assert sampler.steps_per_epoch == per_epoch
     head = torch.nn.Linear(16, n)  # stands in for PartialFC_V2: its weight is the class centres
