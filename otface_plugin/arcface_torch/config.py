@@ -271,6 +271,7 @@ def prepare_config(cfg: Any) -> Any:
     ``arcface``/``cosface`` (and ``otface`` through ``otface.margin``) set ``margin_list`` to that
     margin unless it already is of that kind.
     """
+    _config_errors_in_one_line()
     check_value_types(cfg)
     loss = cfg.get("loss")
     if loss is None:
@@ -286,6 +287,10 @@ def prepare_config(cfg: Any) -> Any:
         options = cfg.get("otface") or {}
         check_otface_options(options)
         cfg.otface = options
+        if _reads_conv_features(options):
+            from otface_plugin.arcface_torch.feature_layers import check_layer
+
+            check_layer(cfg)
         _set_margin(cfg, options.get("margin", "arcface"))
         _note_fp16_without_cuda(cfg)
         if cfg.get("using_wandb") and "notes" not in cfg:
@@ -303,6 +308,37 @@ def prepare_config(cfg: Any) -> Any:
     check_head_options(cfg)
     _resolve_sampler(cfg, name)
     return cfg
+
+
+def _config_errors_in_one_line() -> None:
+    """In the recipe's process (train_v2.py calls prepare_config first), a ConfigError that ends
+    it, here or later in the plugin's call sites (the sampler's label range, ``otface.layer`` at
+    model build, a checkpoint that does not fit at resume), is printed as one line naming the key,
+    as otface-train prints it, instead of a traceback on every rank; other exceptions keep
+    theirs. The exit status stays 1."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_otface_one_line", False):
+        return
+
+    def hook(kind, value, tb):
+        if isinstance(value, ConfigError):
+            print(f"otface-plugin: bad config: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    hook._otface_one_line = True
+    sys.excepthook = hook
+
+
+def _reads_conv_features(options: Mapping[str, Any]) -> bool:
+    """Whether the OT term reads a backbone layer (``feature`` conv, OTFaceTerm's default)."""
+    import inspect
+
+    from otface_plugin.losses import OTFaceTerm
+
+    return options.get("feature", inspect.signature(OTFaceTerm).parameters["feature"].default) == "conv"
 
 
 def check_value_types(cfg: Mapping[str, Any], where: str = "config") -> None:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import distributed
 
-from otface_plugin.arcface_torch.config import build_otface_loss, hard_options, head_of
-from otface_plugin.arcface_torch.feature_layers import default_layer
+from otface_plugin.arcface_torch.config import ConfigError, build_otface_loss, hard_options, head_of
+from otface_plugin.arcface_torch.feature_layers import capture_layer
 from otface_plugin.features import FeatureCapture, unwrap
 from otface_plugin.losses.components import COMPONENTS, format_components
 from otface_plugin.losses.head import MarginHead, build_margin
@@ -64,6 +64,19 @@ class OTFaceHead(torch.nn.Module):
     def components(self) -> dict:
         return self.loss.components()
 
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """train_v2.py's resume (``state_dict_softmax_fc``): a checkpoint the configured loss
+        cannot take (e.g. trained with another ``otface.lambda_ot`` kind) is one line naming the
+        key, not torch's multi-line "Error(s) in loading state_dict" report."""
+        try:
+            return super().load_state_dict(state_dict, *args, **kwargs)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            why = " ".join(str(exc).split())
+            raise ConfigError(f"key 'resume': the checkpoint's state_dict_softmax_fc does not fit this job's OTFace "
+                              f"loss (otface.lambda_ot {getattr(self.loss, 'lambda_ot', '?')!r}): {why}") from None
+
 
 def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module) -> torch.nn.Module:
     """``partial_fc`` itself unless ``cfg.loss == "otface"``; then the OTFace head around it.
@@ -79,9 +92,8 @@ def build_head(cfg: Any, partial_fc: torch.nn.Module, backbone: torch.nn.Module)
     loss = build_otface_loss(partial_fc, options)
     capture = None
     if loss.ot_term.feature == "conv":
-        layer = options.get("layer") or default_layer(backbone)
-        capture = FeatureCapture(backbone, layer)
-        logging.info("otface-plugin: the OT term reads %s.%s", type(unwrap(backbone)).__name__, layer)
+        capture = capture_layer(backbone, options.get("layer"))
+        logging.info("otface-plugin: the OT term reads %s.%s", type(unwrap(backbone)).__name__, capture.layer)
     return _with_resume_refresh(OTFaceHead(loss, capture))
 
 
@@ -133,18 +145,44 @@ def build_sampler(cfg: Any) -> Optional[Callable]:
     hard = hard_options(cfg.get("hard") or {}) if kind == "hard" else None
     lead = refresh_lead(cfg.get("num_workers", 2))
 
+    num_classes = cfg.get("num_classes")
+
     def make(dataset, num_replicas: int, rank: int, seed: int):
         # num_image: as many steps per epoch as upstream's sampler, so the LR schedule holds
         options = dict(batch_size=batch_size, num_instances=num_instances, num_replicas=num_replicas,
                        rank=rank, seed=seed, num_image=num_image)
         if hard is not None:
             options.update(neighbours=hard["neighbours"], hard_fraction=hard["hard_fraction"])
-        sampler = cls(identity_index(dataset), **options)
+        index = identity_index(dataset)
+        check_label_range(index, num_classes, _data_name(dataset))
+        sampler = cls(index, **options)
         if hard is not None:
             RECIPE.hard = HardRefresh(sampler, hard["refresh_steps"], lead)
         return sampler
 
     return make
+
+
+def check_label_range(index, num_classes: Optional[int], data: str) -> None:
+    """Every identity label of the training data inside PartialFC_V2's class range
+    ``[0, num_classes)``. Checked where the plugin's sampler indexes the data (sampler ``pk`` or
+    ``hard``, the otface default): upstream's DistributedSampler reads no label before training,
+    so a job without the plugin's sampler trains as upstream does."""
+    if num_classes is None or not len(index.identity_labels):
+        return
+    low, high = int(index.identity_labels.min()), int(index.identity_labels.max())
+    if low < 0 or high >= num_classes:
+        raise ConfigError(
+            f"key 'num_classes' is {num_classes}, but {data} holds {index.num_identities} identities with labels "
+            f"{low}..{high}: set num_classes to at least {high + 1} (PartialFC_V2 has a class for labels "
+            f"0..num_classes-1 only)")
+
+
+def _data_name(dataset) -> str:
+    root = getattr(dataset, "root_dir", None)
+    if root is not None and os.path.isfile(os.path.join(root, "train.rec")):
+        return os.path.join(root, "train.rec")
+    return f"the {type(dataset).__name__} dataset"
 
 
 def refresh_lead(num_workers: int) -> int:
@@ -177,15 +215,16 @@ def gather_class_centres(weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class HardRefresh:
-    """A hard sampler and when the recipe refreshes it: every ``refresh_steps`` steps and at each
-    epoch end, in effect ``lead`` steps later (the loader has planned that far ahead)."""
+    """A hard sampler and the recipe's refresh settings: every ``refresh_steps`` steps and at
+    each epoch end, in effect ``lead`` steps later (the loader has planned that far ahead); the
+    schedule itself is the sampler's (:meth:`HardPKSampler.refresh_due`)."""
 
     sampler: Any  # HardPKSampler
     refresh_steps: int
     lead: int
 
     def due(self, global_step: int) -> bool:
-        return not (global_step % self.refresh_steps and global_step % self.sampler.steps_per_epoch)
+        return self.sampler.refresh_due(global_step, self.refresh_steps)
 
     def maybe_refresh(self, head: torch.nn.Module, global_step: int) -> None:
         if self.due(global_step):
@@ -196,17 +235,15 @@ class HardRefresh:
         the sampler on every rank alike; ``global_step`` None: at a resume, for the next epoch.
         A refresh changes the steps from ``lead`` on (or the next epoch), so the loader's workers
         and prefetched batches stay as they are."""
-        sampler, steps = self.sampler, self.sampler.steps_per_epoch
+        sampler = self.sampler
         partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
         start = time.perf_counter()
         with torch.no_grad():
-            table = sampler.neighbour_table(gather_class_centres(partial_fc.weight), sharded=True)
+            table = sampler.refresh(gather_class_centres(partial_fc.weight), global_step, self.lead, sharded=True)
         seconds = time.perf_counter() - start
-        from_step = None if global_step is None else (global_step - 1) % steps + 1 + self.lead
-        sampler.update_neighbours(table, from_step)
+        from_step = sampler.refresh_start(global_step, self.lead)
         if (distributed.get_rank() if distributed.is_initialized() else 0) == 0:
-            when = (f"step {from_step} of this epoch" if from_step is not None and from_step < steps
-                    else "the next epoch")
+            when = f"step {from_step} of this epoch" if from_step is not None else "the next epoch"
             logging.info("HardPKSampler refresh at global step %s: %d identities, neighbours in %.3f s, "
                          "table %s, in effect from %s", "resume" if global_step is None else global_step,
                          len(table), seconds, hashlib.sha1(table.tobytes()).hexdigest()[:12], when)

@@ -275,8 +275,9 @@ def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: in
     only on ``seed``, so every loss sees the same images in the same order.
 
     ``sampler="hard"``: HardPKSampler, its neighbours refreshed from ``centres()`` (the margin
-    head's class centres) every ``HARD_REFRESH_STEPS`` steps, in effect from the next step (this
-    loop plans no step ahead)."""
+    head's class centres) on the sampler's schedule (:meth:`HardPKSampler.refresh_due`, every
+    ``HARD_REFRESH_STEPS`` steps and at each epoch end, as the recipe route), in effect from the
+    next step (this loop plans no step ahead)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     cls = SAMPLER_CLASSES[sampler]
@@ -286,11 +287,9 @@ def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: in
     while done < steps:
         plan.set_epoch(epoch)
         positions = iter(plan)
-        for step in range(plan.steps_per_epoch):
+        for _ in range(plan.steps_per_epoch):
             if done == steps:
                 return
-            if sampler == "hard" and done and done % HARD_REFRESH_STEPS == 0:
-                plan.update_centres(centres(), from_step=step)
             chunk = np.fromiter(positions, dtype=np.int64, count=batch_size)
             idx = torch.from_numpy(chunk)
             x = normalise(train.images[idx])
@@ -298,4 +297,7 @@ def train_batches(train: TrainSet, batch_size: int, K: int, seed: int, steps: in
             x[flip] = x[flip].flip(-1)
             yield x, train.labels[idx]
             done += 1
+            # after the caller's step on this batch, before the next one (or the next epoch) is planned
+            if sampler == "hard" and done < steps and plan.refresh_due(done, HARD_REFRESH_STEPS):
+                plan.refresh(centres(), done)
         epoch += 1

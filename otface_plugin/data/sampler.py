@@ -323,6 +323,32 @@ class HardPKSampler(PKSampler):
         """Use the neighbours of these (num_classes, D) class centres (see the class doc)."""
         self.update_neighbours(self.neighbour_table(weight), from_step)
 
+    # --------------------------------------------------------------- refresh schedule
+    # The one schedule every training loop follows (the recipe's hook, the study's loop): a
+    # refresh after every ``refresh_steps`` steps and after each epoch's last step, in effect
+    # ``lead`` steps later (as far as that loop's loader plans ahead) or from the next epoch.
+    def refresh_due(self, global_step: int, refresh_steps: int) -> bool:
+        """Whether the centres are re-read after ``global_step`` steps done (counted from 1
+        over all epochs)."""
+        return global_step > 0 and not (global_step % refresh_steps and global_step % self.steps_per_epoch)
+
+    def refresh_start(self, global_step: Optional[int], lead: int = 0) -> Optional[int]:
+        """The step of the running epoch from which a refresh after ``global_step`` steps
+        applies; None (also for ``global_step`` None, a resume): from the next epoch."""
+        if global_step is None:
+            return None
+        start = (global_step - 1) % self.steps_per_epoch + 1 + lead
+        return start if start < self.steps_per_epoch else None
+
+    def refresh(self, weight, global_step: Optional[int], lead: int = 0, sharded: bool = False) -> np.ndarray:
+        """Re-read these (num_classes, D) class centres after ``global_step`` steps: the new
+        neighbour table (returned) applies from :meth:`refresh_start`. ``sharded``: see
+        :meth:`neighbour_table` (every rank must call it then)."""
+        with torch.no_grad():
+            table = self.neighbour_table(weight, sharded=sharded)
+        self.update_neighbours(table, self.refresh_start(global_step, lead))
+        return table
+
     def update_neighbours(self, table: np.ndarray, from_step: Optional[int] = None) -> None:
         """:meth:`update_centres` with the neighbour table already computed."""
         with self._lock:

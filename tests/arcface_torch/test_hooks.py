@@ -1,5 +1,9 @@
 """The hooks a patched train_v2.py calls, with stand-ins for upstream's modules (no checkout)."""
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +11,9 @@ import torch
 from easydict import EasyDict as edict
 
 from otface_plugin.arcface_torch import build_head, build_sampler, log_components, prepare_config
+from otface_plugin.arcface_torch.config import ConfigError
 from otface_plugin.arcface_torch.hooks import OTFaceHead, identity_index
+from conftest import UPSTREAM, needs_upstream, pythonpath
 from otface_plugin.arcface_torch.tv_compat import transforms
 from helpers import TinyBackbone
 
@@ -96,8 +102,109 @@ def test_head_resumes_its_step_counter():
 
 def test_missing_layer_is_a_clear_error():
     cfg = cfg_for("otface", otface=edict(layer="layer9"))
-    with pytest.raises(ValueError, match="layer9"):
+    with pytest.raises(ConfigError, match="layer9") as err:
         build_head(cfg, FakePartialFC(), TinyBackbone())
+    # one line naming the key, the backbone and its candidate layers
+    assert "\n" not in str(err.value)
+    assert "otface.layer" in str(err.value) and "TinyBackbone" in str(err.value) and "'layer4'" in str(err.value)
+
+
+@needs_upstream
+def test_missing_layer_is_refused_when_the_config_is_loaded(monkeypatch):
+    """In the recipe (its backbones package importable), the backbone of cfg.network is built on
+    the meta device at load: no training step, no weights, the same one line."""
+    monkeypatch.syspath_prepend(str(UPSTREAM))
+    monkeypatch.delitem(sys.modules, "backbones", raising=False)
+    with pytest.raises(ConfigError, match=r"IResNet has no submodule 'nosuchlayer' \(option otface.layer\).*'layer4'"):
+        cfg_for("otface", network="r18", embedding_size=512, otface=edict(layer="nosuchlayer"))
+    cfg = cfg_for("otface", network="r18", embedding_size=512, otface=edict(layer="layer3"))
+    assert cfg.otface["layer"] == "layer3"
+    # the embedding feature reads no layer: its layer key is not the backbone's business
+    cfg_for("otface", network="r18", otface=edict(layer="nosuchlayer", feature="embedding"))
+
+
+def test_resume_with_the_other_lambda_kind_is_one_line():
+    """A fixed-lambda checkpoint resumed with lambda_ot: auto, and the reverse: train_v2.py's
+    module_partial_fc.load_state_dict gives one line naming the key, not torch's multi-line
+    report."""
+    def head(lambda_ot):
+        cfg = cfg_for("otface", otface=edict(feature="embedding", lambda_ot=lambda_ot))
+        return build_head(cfg, FakePartialFC(), TinyBackbone())
+
+    for saved, resumed in ((0.1, "auto"), ("auto", 0.1)):
+        state = head(saved).state_dict()
+        with pytest.raises(ConfigError) as err:
+            head(resumed).load_state_dict(state)
+        assert "\n" not in str(err.value) and "key 'resume'" in str(err.value), str(err.value)
+        assert "lambda" in str(err.value)
+    again = head("auto")
+    again.load_state_dict(head("auto").state_dict())  # the same kind resumes
+
+
+class _Folder(torch.utils.data.Dataset):
+    targets = [i // 2 for i in range(80)]  # 40 identities x 2 images
+
+    def __len__(self):
+        return len(self.targets)
+
+
+@pytest.mark.parametrize("sampler", ["pk", "hard"])
+def test_num_classes_below_the_labels_is_refused_by_the_plugin_sampler(sampler, monkeypatch):
+    from otface_plugin.arcface_torch.hooks import RECIPE
+
+    monkeypatch.setattr(RECIPE, "hard", None)  # a hard sampler built here is gone after this test
+    cfg = cfg_for("otface", otface=edict(feature="embedding"), sampler=sampler, num_image=80, num_classes=10)
+    with pytest.raises(ConfigError, match=r"key 'num_classes' is 10, but the _Folder dataset holds 40 identities "
+                                          r"with labels 0\.\.39: set num_classes to at least 40"):
+        build_sampler(cfg)(_Folder(), num_replicas=1, rank=0, seed=0)
+    cfg = cfg_for("otface", otface=edict(feature="embedding"), sampler=sampler, num_image=80, num_classes=40)
+    assert build_sampler(cfg)(_Folder(), num_replicas=1, rank=0, seed=0).index.num_identities == 40
+
+
+def test_num_classes_check_names_the_rec(tmp_path):
+    from otface_plugin.data.rec_builder import build_rec
+    from helpers import make_faces
+
+    build_rec(make_faces(tmp_path / "faces", 12, 2), f"{tmp_path / 'rec'}/", resize=None)
+
+    class RecLike(torch.utils.data.Dataset):  # MXFaceDataset's root_dir
+        root_dir = str(tmp_path / "rec")
+
+    cfg = cfg_for(None, sampler="pk", num_image=24, num_classes=5)
+    rec = tmp_path / "rec" / "train.rec"
+    before = rec.read_bytes()
+    with pytest.raises(ConfigError, match=f"{re.escape(str(rec))} holds 12 identities with labels 0..11"):
+        build_sampler(cfg)(RecLike(), num_replicas=1, rank=0, seed=0)
+    assert rec.read_bytes() == before
+
+
+def test_num_classes_is_not_read_without_the_plugin_sampler():
+    """Upstream's DistributedSampler reads no label before training: a job without the plugin's
+    sampler is left exactly as upstream runs it."""
+    assert build_sampler(cfg_for(None, num_classes=10)) is None
+    assert build_sampler(cfg_for("otface", sampler="distributed", num_classes=10)) is None
+
+
+def test_config_errors_end_the_recipe_process_in_one_line(tmp_path):
+    """train_v2.py calls prepare_config first; a ConfigError raised later (here: the sampler's
+    label range) ends the process with one line on stderr, not a traceback."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import torch\n"
+        "from easydict import EasyDict as edict\n"
+        "from otface_plugin.arcface_torch import build_sampler, prepare_config\n"
+        "class Folder(torch.utils.data.Dataset):\n"
+        "    targets = [i // 2 for i in range(80)]\n"
+        "    def __len__(self): return 80\n"
+        "cfg = prepare_config(edict(margin_list=(1.0, 0.5, 0.0), batch_size=8, dali=False, num_image=80, "
+        "num_classes=10, loss='otface', otface={'feature': 'embedding'}))\n"
+        "build_sampler(cfg)(Folder(), num_replicas=1, rank=0, seed=0)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": pythonpath()})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "otface-plugin: bad config: key 'num_classes' is 10, but the Folder dataset holds 40 identities with labels "
+        "0..39: set num_classes to at least 40 (PartialFC_V2 has a class for labels 0..num_classes-1 only)"]
 
 
 def test_pk_sampler_factory_gives_p_by_k_batches():

@@ -209,3 +209,65 @@ def test_sharded_search_gives_every_rank_the_whole_table():
         got = dict(out)
     for rank in range(world):
         np.testing.assert_array_equal(got[rank], want)
+
+
+def test_recipe_hook_and_study_loop_refresh_on_the_sampler_schedule(monkeypatch):
+    """The refresh schedule is HardPKSampler's: the recipe's hook (every hard.refresh_steps and at
+    each epoch end, ``lead`` steps ahead) and the study's loop (lead 0) re-read the centres after
+    the same steps, and each refresh applies from the step the sampler says."""
+    from easydict import EasyDict as edict
+
+    from otface_plugin.arcface_torch import after_step, build_sampler, prepare_config
+    from otface_plugin.bench import data as bench_data
+
+    every, steps, per_epoch = 3, 12, 5
+    calls = []
+    original = HardPKSampler.refresh
+
+    def spy(self, weight, global_step, lead=0, sharded=False):
+        calls.append((global_step, self.refresh_start(global_step, lead)))
+        return original(self, weight, global_step, lead, sharded)
+
+    monkeypatch.setattr(HardPKSampler, "refresh", spy)
+    # 40 identities x 4 images: 5 steps of 8 x 4 per epoch, in the study's loop and the recipe
+    n = 40
+    starts = 1 + 4 * np.arange(n)
+    index = IdentityIndex.from_ranges(starts, starts + 4)
+    centres = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
+    num_image = index.num_images
+    expected = [s for s in range(1, steps) if s % every == 0 or s % per_epoch == 0]
+    assert expected == [3, 5, 6, 9, 10]
+
+    # the study's loop
+    labels = torch.as_tensor(index.labels())
+    train = bench_data.TrainSet(torch.zeros(len(labels), 3, 2, 2, dtype=torch.uint8), labels, index)
+    monkeypatch.setattr(bench_data, "HARD_REFRESH_STEPS", every)
+    assert len(list(bench_data.train_batches(train, P * K, K, seed=0, steps=steps, sampler="hard",
+                                             centres=lambda: centres))) == steps
+    assert [g for g, _ in calls] == expected
+    assert [s for _, s in calls] == [(g % per_epoch) or None for g in expected]  # the next step, lead 0
+
+    # the recipe's hook over the same steps
+    calls.clear()
+    cfg = prepare_config(edict(margin_list=(1.0, 0.5, 0.0), batch_size=P * K, dali=False, num_image=num_image,
+                               num_classes=n, frequent=1000, num_workers=0, sampler="hard",
+                               hard=edict(refresh_steps=every)))
+
+    class Folder(torch.utils.data.Dataset):
+        targets = index.labels()
+
+        def __len__(self):
+            return len(self.targets)
+
+    from otface_plugin.arcface_torch.hooks import RECIPE
+
+    monkeypatch.setattr(RECIPE, "hard", None)  # the hook's process-wide sampler: gone after this test
+    sampler = build_sampler(cfg)(Folder(), num_replicas=1, rank=0, seed=0)
+    assert sampler.steps_per_epoch == per_epoch
+    head = torch.nn.Linear(16, n)  # stands in for PartialFC_V2: its weight is the class centres
+    for step in range(1, steps):
+        after_step(head, step, cfg.frequent)
+    assert [g for g, _ in calls] == expected
+    from otface_plugin.arcface_torch.hooks import refresh_lead
+    lead = refresh_lead(0)
+    assert [s for _, s in calls] == [sampler.refresh_start(g, lead) for g in expected]

@@ -375,3 +375,65 @@ emb = model.get_feat(aligned)[0]
 print(json.dumps({{"max_abs_diff": float(np.abs(ref - got).max()), "taskname": model.taskname,
                   "embedding_shape": list(emb.shape), "embedding_finite": bool(np.isfinite(emb).all())}}))
 """
+
+
+def run_job(py, root: Path, job: str, name: str, nproc: int = 1, timeout: int = 600):
+    """train_v2.py on ``configs/<name>.yaml`` under torchrun; the finished process (any status)."""
+    (root / "configs" / f"{name}.yaml").write_text(job)
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [py, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "train_v2.py", f"configs/{name}.yaml"]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(r, root: Path, pattern: str):
+    """Refused: exit != 0, the plugin's one line, and no traceback through the recipe's code (the
+    launcher's own report of a failed child stays)."""
+    assert r.returncode != 0, r.stdout[-2000:]
+    lines = [x for x in r.stderr.splitlines() if "otface-plugin: bad config:" in x]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr[-4000:]
+    assert f'File "{root / "train_v2.py"}"' not in r.stderr, r.stderr[-4000:]
+
+
+SHORT_JOB = dict(network="mbf", verbose=10 ** 6, num_image=32, epochs=1)  # 2 steps of 16 on one process
+
+
+def short_job(data, resume="false", num_classes=None, extra=""):
+    return E2E_JOB.format(resume=resume, rec=data["rec"], num_classes=num_classes or data["num_classes"],
+                          **SHORT_JOB).replace("val_targets: [heldout]", "val_targets: []") + extra
+
+
+def test_num_classes_below_the_rec_labels_is_refused(tmp_path, data, train_python):
+    """num_classes: 2 for a .rec of 18 identities: refused where the plugin's sampler indexes the
+    .rec, one line naming the key, the file and the label range; the .rec is unchanged."""
+    root = copy_upstream(tmp_path / "arcface_torch")
+    installer.install(root)
+    rec = data["rec"] / "train.rec"
+    before = rec.read_bytes()
+    r = run_job(train_python, root, short_job(data, num_classes=2), "few_classes")
+    n = data["num_classes"]
+    assert_one_line(r, root, rf"key 'num_classes' is 2, but {re.escape(str(rec))} holds {n} identities with labels "
+                             rf"0\.\.{n - 1}")
+    assert rec.read_bytes() == before
+
+
+def test_unknown_feature_layer_is_refused_at_load(tmp_path, data, train_python):
+    root = copy_upstream(tmp_path / "arcface_torch")
+    installer.install(root)
+    r = run_job(train_python, root, short_job(data, extra="otface:\n  layer: nosuchlayer\n"), "bad_layer")
+    assert_one_line(r, root, r"MobileFaceNet has no submodule 'nosuchlayer' \(option otface\.layer\).*'conv_sep'")
+    assert not (root / "work_dirs" / "bad_layer" / "training.log").exists()  # before any training
+
+
+def test_resume_with_the_other_lambda_kind_is_one_line(tmp_path, data, train_python):
+    """A fixed-lambda run's checkpoint resumed with lambda_ot: auto: one line naming the key, not
+    a traceback through train_v2.py's resume; the checkpoint is left as it was."""
+    root = copy_upstream(tmp_path / "arcface_torch")
+    installer.install(root)
+    first = run_job(train_python, root, short_job(data, extra="otface:\n  lambda_ot: 0.1\n"), "lam")
+    assert first.returncode == 0, first.stderr[-4000:]
+    ckpt = root / "work_dirs" / "lam" / "checkpoint_gpu_0.pt"
+    before = ckpt.read_bytes()
+    r = run_job(train_python, root, short_job(data, resume="true", extra="otface:\n  lambda_ot: auto\n"), "lam")
+    assert_one_line(r, root, r"key 'resume': the checkpoint's state_dict_softmax_fc does not fit")
+    assert ckpt.read_bytes() == before
