@@ -5,7 +5,7 @@
 # tree cannot: the tree has those files whether the wheel ships them or not.
 #
 # Inputs beside the checkout, each step skipped with a line saying why when absent:
-#   the pinned recipe export: $ARCFACE_TORCH_DIR, else ../shared/upstream/arcface_torch-7fadd420
+#   the pinned recipe export: $ARCFACE_TORCH_DIR, else ../shared/upstream/<pins.SHARED_EXPORT>
 #   real faces:               $OTFACE_SHARED_DATA/{data/extyaleb,extyaleb,.}, else ../shared/data/extyaleb
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -91,7 +91,7 @@ for cmd in otface-install otface-data otface-bench otface-demo otface-train; do
 done
 
 # otface-install on a copy of the pinned recipe export: patch, check, revert to the exact files
-UPSTREAM="${ARCFACE_TORCH_DIR:-$REPO/../shared/upstream/arcface_torch-7fadd420}"
+UPSTREAM="${ARCFACE_TORCH_DIR:-$REPO/../shared/upstream/$("$U/python" -m otface_plugin.arcface_torch.pins export)}"
 if [[ -f "$UPSTREAM/train_v2.py" ]]; then
     cp -r "$UPSTREAM" "$WORK/arcface_torch" && chmod -R u+w "$WORK/arcface_torch"
     "$U/otface-install" "$WORK/arcface_torch" | tail -3

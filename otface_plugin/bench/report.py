@@ -248,7 +248,7 @@ def ablation_section(res: Dict[str, Any]) -> List[str]:
         beyond = [v for v, d in deltas.items() if v != "default" and abs(d) > 2 * sigma]
         if not beyond:
             lines.append("\n**Reading:** no variant moves accuracy by more than twice the seed noise: this data "
-                         "and budget cannot distinguish the options, so the README defaults are kept as "
+                         "and budget cannot distinguish the options, so the defaults are kept as "
                          "chosen by design (they are not contradicted, and not confirmed, by this ablation).")
         else:
             lines.append("\n**Reading:** variants beyond twice the seed noise (one seed each, so indicative, "
