@@ -146,13 +146,11 @@ def ablation_seed_list(cfg: StudyConfig, variant: Optional[str] = None) -> List[
 def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     train = asdict(cfg.train)
     train.pop("threads")  # how a run is computed, not what it computes
-    run = asdict(spec)
-    blob = json.dumps({"train": train, "spec": run, "split": prep.train_ids,
+    blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
-                       "defaults": OTFACE_DEFAULTS,
-                       **({} if cfg.protocol == "split" else {"protocol": cfg.protocol}),
-                       # plugin-route keys stay as they were; other routes add their own fields
-                       **({} if cfg.route == "plugin" else {"route": cfg.route, "network": cfg.network})},
+                       "defaults": OTFACE_DEFAULTS, "protocol": cfg.protocol, "route": cfg.route,
+                       # only the recipe route trains an upstream backbone
+                       **({"network": cfg.network} if cfg.route == "recipe" else {})},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
