@@ -56,3 +56,15 @@ def test_wheel_installs_in_fresh_venv_and_finds_its_data(wheel, tmp_path):
         assert name in lines[1]
     for name in _shipped_files("configs"):
         assert name in lines[2]
+
+
+def test_version_has_a_changelog_section_and_ci_checks_the_release():
+    import re
+
+    import otface_plugin
+
+    changelog = (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (\S+)", changelog, flags=re.M)
+    assert sections and sections[0] == otface_plugin.__version__, "the newest CHANGELOG.md section is not __version__"
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert ci.index("bash .ci/release_check.sh") > ci.index("make test")

@@ -12,14 +12,13 @@ METRICS = [("accuracy", "accuracy (k-fold)"), ("tar@far=0.01", "TAR@FAR=1e-2"),
 
 
 def is_main(run: Dict[str, Any]) -> bool:
-    """A run of the loss tables: not an ablation or sampler-comparison run (results.json from
-    before the sampler comparison has no ``main`` flag: there every default run is one)."""
-    return run.get("main", run["variant"] == "default")
+    """A run of the loss tables: not an ablation or sampler-comparison run."""
+    return run["main"]
 
 
 def sampler_of(meta: Dict[str, Any]) -> str:
-    """The main runs' sampler (older results.json: in the training config)."""
-    return meta.get("sampler") or meta["train"].get("sampler", "pk")
+    """The main runs' sampler."""
+    return meta["sampler"]
 
 
 def pct(x: float) -> str:
@@ -118,7 +117,8 @@ def ot_thirds_table(act: Dict[str, Dict[str, Any]]) -> List[str]:
     cols = [("steps with hard triplets", "active_share_by_third", lambda v: f"{100 * v:.0f}%"),
             ("hard triplets per step", "mean_triplets_by_third", lambda v: f"{v:.2f}"),
             ("mean OT term L_OT", "mean_ot_by_third", lambda v: f"{v:.4f}")]
-    # logged since the gradient-share diagnostic (issue 20); older runs leave them out
+    # a column only where every run measured it in every third (the share is NaN where it was not
+    # measured, e.g. measure_grad_share=False): a gap would otherwise read as a value
     optional = [("lambda", "mean_lambda_by_third", lambda v: f"{v:.3g}"),
                 ("OT share of the gradient at F", "mean_grad_share_by_third", lambda v: f"{100 * v:.1f}%"),
                 ("cosine(OT, margin) at F", "mean_grad_cos_by_third", lambda v: f"{v:+.2f}")]
@@ -248,7 +248,7 @@ def ablation_section(res: Dict[str, Any]) -> List[str]:
         beyond = [v for v, d in deltas.items() if v != "default" and abs(d) > 2 * sigma]
         if not beyond:
             lines.append("\n**Reading:** no variant moves accuracy by more than twice the seed noise: this data "
-                         "and budget cannot distinguish the options, so the README defaults are kept as "
+                         "and budget cannot distinguish the options, so the defaults are kept as "
                          "chosen by design (they are not contradicted, and not confirmed, by this ablation).")
         else:
             lines.append("\n**Reading:** variants beyond twice the seed noise (one seed each, so indicative, "
@@ -276,15 +276,13 @@ HARD_BATCHES = "`HardPKSampler` (groups of neighbouring identities by each run's
 
 
 def dataset_name(meta: Dict[str, Any]) -> str:
-    """The short dataset name of a report (older results.json: the folder name)."""
-    return meta.get("dataset_info", {}).get("name") or meta["dataset"].rstrip("/").rsplit("/", 1)[-1]
+    """The short dataset name of a report."""
+    return meta["dataset_info"]["name"]
 
 
 def data_row(meta: Dict[str, Any]) -> str:
     """The report's data row: what the dataset given is, and how much of it was used."""
-    info = meta.get("dataset_info")
-    if not info:
-        return f"| data | `{meta['dataset']}` |"
+    info = meta["dataset_info"]
     lo, med, hi = info["images_per_identity"]
     return (f"| data | {info['description']} (`{info['path']}`): {info['identities']} identities used, "
             f"{info['images']} images, {lo}–{hi} per identity (median {med:g}) |")

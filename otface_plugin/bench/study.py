@@ -14,14 +14,14 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from otface_plugin.bench import metrics as M
 from otface_plugin.bench.data import SAMPLERS, Prepared, load_prepared, prepare
-from otface_plugin.bench.route import make_route
+from otface_plugin.bench.route import Route
 from otface_plugin.bench.spec import LOSSES, OTFACE_DEFAULTS, RunSpec, TrainConfig
 from otface_plugin.bench.store import load_run
 from otface_plugin.losses.otface import OTFaceLoss
@@ -36,7 +36,7 @@ ABLATION_GRID: Dict[str, Dict[str, Any]] = {
     "lambda=0.3": {"lambda_ot": 0.3},
     "lambda=1.0": {"lambda_ot": 1.0},
     "lambda=3.0": {"lambda_ot": 3.0},
-    # lambda adapted to the target share of the gradient at the features (issue 20); the target
+    # lambda adapted to the target share of the gradient at the features; the target
     # is named in the options, so the run key changes with it
     "lambda=auto": {"lambda_ot": "auto", "grad_share": AUTO_SHARE},
     "share=0.1": {"lambda_ot": "auto", "grad_share": 0.1},
@@ -146,15 +146,11 @@ def ablation_seed_list(cfg: StudyConfig, variant: Optional[str] = None) -> List[
 def run_key(cfg: StudyConfig, prep: Prepared, spec: RunSpec) -> str:
     train = asdict(cfg.train)
     train.pop("threads")  # how a run is computed, not what it computes
-    run = asdict(spec)
-    if run["sampler"] == "pk":
-        run.pop("sampler")  # keys of runs from before the sampler option stay valid
-    blob = json.dumps({"train": train, "spec": run, "split": prep.train_ids,
+    blob = json.dumps({"train": train, "spec": asdict(spec), "split": prep.train_ids,
                        "test": prep.test_ids, "pairs": prep.pairs, "split_seed": cfg.split_seed,
-                       "defaults": OTFACE_DEFAULTS,
-                       **({} if cfg.protocol == "split" else {"protocol": cfg.protocol}),
-                       # plugin-route keys stay as they were; other routes add their own fields
-                       **({} if cfg.route == "plugin" else {"route": cfg.route, "network": cfg.network})},
+                       "defaults": OTFACE_DEFAULTS, "protocol": cfg.protocol, "route": cfg.route,
+                       # only the recipe route trains an upstream backbone
+                       **({"network": cfg.network} if cfg.route == "recipe" else {})},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -164,6 +160,21 @@ def _bar(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
                 smoothing=0.05)
+
+
+def make_route(cfg: "StudyConfig", prep: Prepared, num_classes: int, log: Callable[[str], None]) -> Route:
+    """``plugin``: the plugin's own loop in worker processes; ``recipe``: train_v2.py of a patched
+    copy of the upstream checkout. Imported here, on use, so a plugin-route study never imports
+    the recipe route's subprocess machinery."""
+    if cfg.route == "plugin":
+        from otface_plugin.bench.plugin_route import PluginRoute
+
+        return PluginRoute(prep.rec_dir, prep.bin_path, cfg.train, cfg.jobs)
+    if cfg.route == "recipe":
+        from otface_plugin.bench.recipe import RecipeRoute
+
+        return RecipeRoute(cfg.work_dir, prep.rec_dir, prep.bin_path, num_classes, cfg.train, cfg.network, log)
+    raise ValueError(f"unknown route {cfg.route!r}: 'plugin' or 'recipe'")
 
 
 def run_study(cfg: StudyConfig, progress: bool = True, log=print
@@ -339,7 +350,7 @@ def ot_term_activity(history: Dict[str, List[float]]) -> Dict[str, Any]:
         return [float(np.mean(part)) if len(part) else 0.0
                 for part in np.array_split(np.asarray(history.get(key, []), dtype=float), 3)]
 
-    def nan_by_third(key: str) -> List[Optional[float]]:  # None: not logged (runs from before the key)
+    def nan_by_third(key: str) -> List[Optional[float]]:  # None: no finite value in that third
         parts = np.array_split(np.asarray(history.get(key, []), dtype=float), 3)
         return [float(np.nanmean(p)) if len(p) and np.isfinite(p).any() else None for p in parts]
 

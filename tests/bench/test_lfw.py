@@ -139,7 +139,7 @@ def test_report_per_third_table_and_idle_note():
         h = {"step": list(range(0, 90, 10)), "triplets": [3, 2, 1, 1, 1, 1, *last_third_triplets],
              "ot": [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, *[0.1 * (t > 0) for t in last_third_triplets]]}
         return {"meta": {"train": {"steps": 90}}, "ot_activity": {"otface-default-s0": ot_term_activity(h)},
-                "runs": {"otface-default-s0": {"variant": "default"}}}
+                "runs": {"otface-default-s0": {"variant": "default", "main": True}}}
 
     active = "\n".join(report.ot_activity_lines(res([1, 0, 2])))
     assert "| last | 67% | 1.00 | 0.0667 |" in active and "went idle" not in active

@@ -27,7 +27,7 @@ def test_auto_route_is_plugin_without_arcface_torch_dir(monkeypatch):
         build_parser().parse_args(["/x", "--route", "bogus"])
 
 
-def test_run_key_depends_on_route_and_keeps_plugin_keys():
+def test_run_key_depends_on_route_and_on_network_only_for_the_recipe():
     from otface_plugin.bench.data import Prepared
 
     prep = Prepared(Path("r"), Path("b"), ["a", "b"], ["c", "d"], 2, 8)
@@ -36,6 +36,8 @@ def test_run_key_depends_on_route_and_keeps_plugin_keys():
     rec = StudyConfig(dataset="d", route="recipe")
     assert run_key(plugin, prep, spec) != run_key(rec, prep, spec)
     assert plugin.runs_dir != rec.runs_dir
+    assert run_key(StudyConfig(dataset="d", network="r50"), prep, spec) == run_key(plugin, prep, spec)
+    assert run_key(StudyConfig(dataset="d", route="recipe", network="r50"), prep, spec) != run_key(rec, prep, spec)
 
 
 def test_job_config_keys(tmp_path):
