@@ -23,6 +23,10 @@ _LAZY = {
     "log_components": "otface_plugin.arcface_torch.hooks",
     "after_step": "otface_plugin.arcface_torch.hooks",
     "OTFaceHead": "otface_plugin.arcface_torch.hooks",
+    "resume_elsewhere": "otface_plugin.arcface_torch.hooks",
+    "resume": "otface_plugin.arcface_torch.hooks",
+    "checkpoint_extras": "otface_plugin.arcface_torch.hooks",
+    "init_from": "otface_plugin.arcface_torch.hooks",
 }
 
 __all__ = sorted(_LAZY)

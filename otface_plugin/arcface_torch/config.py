@@ -272,6 +272,7 @@ def prepare_config(cfg: Any) -> Any:
     margin unless it already is of that kind.
     """
     check_value_types(cfg)
+    check_init_files(cfg)
     loss = cfg.get("loss")
     if loss is None:
         if cfg.get("otface") is not None:
@@ -312,6 +313,17 @@ def check_value_types(cfg: Mapping[str, Any], where: str = "config") -> None:
     for key, (types, what) in KNOWN_KEYS.items():
         if key in cfg and not (key in PLUGIN_KEYS and cfg[key] is None):
             _check_type(where, key, cfg[key], types, what)
+
+
+def check_init_files(cfg: Mapping[str, Any]) -> None:
+    """The fine-tuning keys (``schema.INIT_KEYS``) name files that exist, checked before training
+    starts; what is in them is checked when they are loaded (checkpoint.py)."""
+    from otface_plugin.arcface_torch.schema import INIT_KEYS
+
+    for key in INIT_KEYS:
+        path = cfg.get(key)
+        if path is not None and not osp.isfile(path):
+            raise ConfigError(f"key {key!r}: no such file {path} (looked from {os.getcwd()})")
 
 
 def _note_fp16_without_cuda(cfg: Any) -> None:

@@ -301,3 +301,57 @@ def _log_to_wandb(run, c: dict, global_step: int) -> None:
         run.define_metric("otface/*", step_metric=WANDB_STEP)
         _WANDB_DEFINED.add(id(run))
     run.log({WANDB_STEP: global_step, **{f"otface/{key}": c[key] for key in COMPONENTS}}, commit=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: resume on another number of ranks (checkpoint.py)
+def resume_elsewhere(cfg: Any, world_size: int) -> bool:
+    """Whether ``resume: true`` needs the plugin: the set in ``cfg.output`` was saved on another
+    number of ranks (or re-split by ``otface-ckpt split``, so its steps count on another). False
+    leaves train_v2.py's own resume (same ranks) exactly as upstream's."""
+    from otface_plugin.arcface_torch.checkpoint import saved_layout
+
+    if not cfg.get("resume"):
+        return False
+    layout = saved_layout(cfg.output)
+    return layout is not None and layout != (world_size, world_size)
+
+
+def resume(cfg: Any, rank: int, world_size: int, backbone: torch.nn.Module, head: torch.nn.Module,
+           opt: torch.optim.Optimizer, lr_scheduler: Any):
+    """train_v2.py's resume for a set saved on another number of ranks; (start_epoch, global_step)."""
+    from otface_plugin.arcface_torch.checkpoint import resume_into
+
+    return resume_into(cfg, rank, world_size, backbone, head, opt, lr_scheduler)
+
+
+def checkpoint_extras(checkpoint: dict, cfg: Any, world_size: int, amp: Any = None) -> dict:
+    """What the plugin adds to each rank's checkpoint: the rank count and the world size its step
+    counts on (so another number of ranks can resume it), the batch size and precision; with
+    ``fp16``, the GradScaler's state (:func:`restore_grad_scaler`)."""
+    from otface_plugin.arcface_torch.checkpoint import META_KEY
+
+    precision = cfg.get("precision") or ("fp16" if cfg.get("fp16") else "fp32")
+    checkpoint[META_KEY] = {"ranks": world_size, "step_world_size": world_size,
+                            "batch_size": int(cfg.batch_size), "precision": precision}
+    if cfg.get("fp16") and amp is not None:
+        checkpoint["state_grad_scaler"] = amp.state_dict()
+    return checkpoint
+
+
+def init_from(cfg: Any, rank: int, world_size: int, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+    """Fine-tuning: ``init_backbone`` (a ``model.pt``, strict) and ``init_class_centres`` (merged
+    class centres) into the new job's modules, on every rank alike. Not on ``resume: true``: the
+    job's own checkpoint holds where the fine-tuning got to."""
+    from otface_plugin.arcface_torch.checkpoint import load_backbone, load_class_centres
+
+    if cfg.get("resume") or not (cfg.get("init_backbone") or cfg.get("init_class_centres")):
+        return
+    if cfg.get("init_backbone"):
+        load_backbone(cfg.init_backbone, backbone, cfg.network)
+    if cfg.get("init_class_centres"):
+        partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
+        load_class_centres(cfg.init_class_centres, partial_fc.weight, cfg.num_classes, rank, world_size)
+    if rank == 0:
+        logging.info("otface-plugin: fine-tuning from %s", ", ".join(
+            f"{k} {cfg[k]}" for k in ("init_backbone", "init_class_centres") if cfg.get(k)))

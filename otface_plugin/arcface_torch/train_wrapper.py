@@ -154,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("give a CONFIG (or --run SCRIPT)")
         if rest:
             parser.error(f"unknown arguments for train_v2.py: {' '.join(rest)}")
+    from otface_plugin.arcface_torch.checkpoint import CheckpointError
     from otface_plugin.arcface_torch.config import ConfigError
     from otface_plugin.mining import NonFiniteError
     from otface_plugin.registry import UnknownLossError
@@ -170,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, UnknownLossError) as exc:
         print(f"otface-train: bad config: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NonFiniteError) as exc:
+    except (FileNotFoundError, NonFiniteError, CheckpointError) as exc:
         print(f"otface-train: error: {exc}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:  # get_config imports configs.NAME; other imports keep their traceback
