@@ -273,6 +273,7 @@ def prepare_config(cfg: Any) -> Any:
     """
     check_value_types(cfg)
     check_init_files(cfg)
+    resolve_precision(cfg)
     loss = cfg.get("loss")
     if loss is None:
         if cfg.get("otface") is not None:
@@ -324,6 +325,24 @@ def check_init_files(cfg: Mapping[str, Any]) -> None:
         path = cfg.get(key)
         if path is not None and not osp.isfile(path):
             raise ConfigError(f"key {key!r}: no such file {path} (looked from {os.getcwd()})")
+
+
+def resolve_precision(cfg: Any) -> None:
+    """``precision`` (``schema.PRECISIONS``) against upstream's ``fp16``: ``fp16`` is
+    ``precision: fp16`` (which sets ``fp16: true``); ``fp16: true`` beside another precision is an
+    error. Unset, the config is left as it is."""
+    from otface_plugin.arcface_torch.schema import PRECISIONS
+
+    precision = cfg.get("precision")
+    if precision is None:
+        return
+    if precision not in PRECISIONS:
+        raise ConfigError(f"key 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16":
+        cfg.fp16 = True
+    elif cfg.get("fp16"):
+        raise ConfigError(f"key 'precision' is {precision!r} but 'fp16' is true (fp16: true means precision: fp16); "
+                          "set one of them")
 
 
 def _note_fp16_without_cuda(cfg: Any) -> None:

@@ -363,3 +363,91 @@ def test_finetune_refuses_another_backbones_state_dict_in_one_line(runs, finetun
     assert lines[0].startswith(f"otface-train: error: {tmp_path / 'r18.pt'}: not a state dict of the mbf backbone: "
                                "missing keys"), lines[0]
     assert "unexpected keys" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: bf16 on the CPU fallback (CPU autocast in bfloat16; the same key runs CUDA's)
+BF16_PROBE = """
+import json, os, runpy, sys
+import torch
+sys.path.insert(0, os.getcwd())
+from otface_plugin.arcface_torch import hooks
+
+set_precision = hooks.set_precision
+
+def probe(cfg, backbone, head):
+    set_precision(cfg, backbone, head)
+    seen = set()
+    layers = [m for m in backbone.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    def record(module, args, output):
+        seen.add(str(output.dtype))
+
+    def done(module, args, output):
+        rank = torch.distributed.get_rank()
+        with open(os.path.join(os.environ["PROBE_DIR"], f"dtypes_{rank}.json"), "w") as f:
+            json.dump({"layers": sorted(seen), "embeddings": str(output.dtype)}, f)
+        for h in handles:
+            h.remove()
+
+    handles = [m.register_forward_hook(record) for m in layers] + [backbone.register_forward_hook(done)]
+
+hooks.set_precision = probe
+sys.argv = ["train_v2.py", *sys.argv[1:]]
+runpy.run_path("train_v2.py", run_name="__main__")
+"""
+BF16_STEPS = 16  # per epoch on 2 ranks
+
+
+@pytest.fixture(scope="module")
+def bf16(runs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16")
+    root, py = runs["root"], runs["python"]
+    (root / "probe_bf16.py").write_text(BF16_PROBE)
+    rec = re.search(r"^rec: (.*)$", (root / "configs" / "first.yaml").read_text(), re.M).group(1)
+
+    def job(resume, epochs):
+        text = JOB.format(output=d / "out", batch=BATCH, resume=resume, rec=rec, num_classes=runs["num_classes"],
+                          num_image=BF16_STEPS * 2 * BATCH, epochs=epochs)
+        # test_recipe_train.py's end-to-end settings (AdamW, the default lambda), whose loss falls in 32 steps
+        for a, b in (("fp16: false\n", "precision: bf16\n"), ("otface:\n  lambda_ot: auto\n", ""),
+                     ("optimizer: sgd\nlr: 0.1\n", "optimizer: adamw\nlr: 0.001\nweight_decay: 0.1\n"),
+                     ("warmup_epoch: 1\n", "warmup_epoch: 0\n")):
+            assert a in text
+            text = text.replace(a, b)
+        (root / "configs" / "bf16.yaml").write_text(text)
+        return "configs/bf16.yaml"
+
+    probe = d / "probe"
+    probe.mkdir()
+    first = torchrun(py, root, job("false", 2), 2, "probe_bf16.py", env={"PROBE_DIR": str(probe)})
+    log_first = (d / "out" / "training.log").read_text()
+    second = torchrun(py, root, job("true", 3), 2, "train_v2.py")
+    log_all = (d / "out" / "training.log").read_text()
+    return {"out": d / "out", "probe": probe, "log_first": log_first, "log_resumed": log_all[len(log_first):],
+            "stderr": first.stderr + second.stderr}
+
+
+def test_bf16_runs_the_backbone_in_bfloat16_and_trains(bf16):
+    import json
+
+    for rank in (0, 1):
+        seen = json.loads((bf16["probe"] / f"dtypes_{rank}.json").read_text())
+        assert "torch.bfloat16" in seen["layers"], seen  # the autocast region
+        assert seen["embeddings"] == "torch.float32", seen  # mbf's conv_sep, outside it as upstream's fp16
+    assert "precision bf16: cpu autocast in bfloat16" in bf16["log_first"]
+    rows = [(int(m.group(4)), float(m.group(1))) for m in LOSS_LINE.finditer(bf16["log_first"])]
+    assert [r[0] for r in rows] == list(range(2, 2 * BF16_STEPS + 1)), bf16["log_first"][-2000:]
+    losses = [r[1] for r in rows]
+    assert all(x == x and abs(x) < 1e6 for x in losses), losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert "Fp16 Grad Scale" not in bf16["log_first"]  # no GradScaler
+    print("bf16 2-rank run, losses:", losses)
+
+
+def test_bf16_checkpoint_resumes(bf16):
+    info = ck.describe(ck.read_set(bf16["out"]))
+    assert (info["precision"], info["ranks"], info["epoch"], info["global_step"]) == ("bf16", 2, 3, 3 * BF16_STEPS)
+    rows = [(int(m.group(4)), float(m.group(1))) for m in LOSS_LINE.finditer(bf16["log_resumed"])]
+    assert [r[0] for r in rows] == list(range(2 * BF16_STEPS + 2, 3 * BF16_STEPS + 1)), bf16["log_resumed"][-2000:]
+    assert all(r[1] == r[1] for r in rows)
