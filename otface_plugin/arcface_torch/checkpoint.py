@@ -26,7 +26,6 @@ same fraction of the schedule (``total_step = spe(W) * num_epoch``), and the sam
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re

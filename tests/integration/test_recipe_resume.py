@@ -12,8 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import copy_upstream, faces_dir, free_port, needs_upstream, otface_data, pythonpath
