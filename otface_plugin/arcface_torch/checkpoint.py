@@ -515,10 +515,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     show = sub.add_parser("show", help="ranks, classes, step, epoch, precision, embedding size of a set")
     show.add_argument("directory")
     show.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    checked = ("the job's num_classes, checked against the set: a set saved by upstream itself does not record "
+               "its rank count, so only this tells a missing last shard")
+    show.add_argument("--num-classes", type=int, help=checked)
     mer = sub.add_parser("merge", help="one file with the full class centres and their optimizer state")
     mer.add_argument("directory")
     mer.add_argument("out")
     mer.add_argument("--force", action="store_true", help="overwrite OUT")
+    mer.add_argument("--num-classes", type=int, help=checked)
     spl = sub.add_parser("split", help="the inverse of merge: a set of --world-size ranks in DIRECTORY")
     spl.add_argument("merged")
     spl.add_argument("directory")
@@ -527,14 +531,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "show":
-            info = describe(read_set(args.directory))
+            info = describe(read_set(args.directory, num_classes=args.num_classes))
             if args.json:
                 print(json.dumps(info))
             else:
                 for k, v in info.items():
                     print(f"{k:16} {v}")
         elif args.command == "merge":
-            ckpts = read_set(args.directory)
+            ckpts = read_set(args.directory, num_classes=args.num_classes)
             out = write_merged(merge(ckpts), args.out, force=args.force)
             print(f"{out}: {ckpts.ranks} shards merged")
         else:

@@ -224,3 +224,12 @@ def test_cli_show_merge_split(tmp_path):
     r = cli("split", tmp_path / "run" / "checkpoint_gpu_0.pt", tmp_path / "x", "--world-size", 2)
     assert r.returncode == 2 and "not a merged checkpoint" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_cli_num_classes_tells_a_missing_last_shard_of_an_upstream_set(tmp_path):
+    make_set(tmp_path, 9, 3, meta=False)
+    os.unlink(tmp_path / "checkpoint_gpu_2.pt")
+    assert cli("show", tmp_path).returncode == 0  # 2 files of 3 rows: a layout of their own
+    r = cli("merge", tmp_path, tmp_path / "m.pt", "--num-classes", 9)
+    assert r.returncode == 2 and "num_classes 9" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
