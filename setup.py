@@ -51,6 +51,7 @@ setup(
             "otface-train=otface_plugin.arcface_torch.train_wrapper:main",
             "otface-demo=otface_plugin.demo:main",
             "otface-bench=otface_plugin.bench.cli:main",
+            "otface-ckpt=otface_plugin.arcface_torch.checkpoint:main",
         ],
     },
     classifiers=[

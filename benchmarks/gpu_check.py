@@ -15,9 +15,13 @@ the others; the exit status is non-zero when any stage failed):
              ../shared/data/extyaleb, ~100 steps, resumed for one more epoch; loss finite and
              falling, OTFace components logged, the ONNX export loads in insightface
              (CPU smoke: gloo, fp16 off, mbf, 2 x 4 batches, 12 + 6 steps)
-4. step    - benchmarks/bench_step.py: recipe r50, batch 128 = 32 x 4, fp16; OTFace / ArcFace
+4. bf16    - the same recipe job with `precision: bf16` (bfloat16 autocast, no GradScaler,
+             bf16_compress_hook), ~40 steps, resumed for one more epoch; loss finite and falling,
+             the bf16 path in the log, the checkpoint's precision (n/a on a GPU without bf16)
+             (CPU smoke: CPU autocast bf16, mbf, 12 + 6 steps)
+5. step    - benchmarks/bench_step.py: recipe r50, batch 128 = 32 x 4, fp16; OTFace / ArcFace
              step time (target <= 1.03)
-5. solver  - benchmarks/bench_ot.py: ours vs POT batched vs geomloss on the device, same error
+6. solver  - benchmarks/bench_ot.py: ours vs POT batched vs geomloss on the device, same error
              (target >= 3x POT batched on CUDA)
 
 Writes OUT/REPORT.md and OUT/gpu.json (card, driver, torch, figures, pass/fail per stage).
@@ -53,7 +57,7 @@ import test_recipe_train as itest  # noqa: E402
 
 STEP_TARGET = 1.03
 GPU_BATCH, SMOKE_BATCH = 128, 8  # P x K = 32 x 4 (the recipe's per-GPU batch); smoke: 2 x 4
-STAGES = ("tests", "nosync", "recipe", "step", "solver")
+STAGES = ("tests", "nosync", "recipe", "bf16", "step", "solver")
 
 
 class Skip(Exception):
@@ -210,22 +214,7 @@ def stage_recipe(args, work: Path) -> dict:
     upstream = recipe_root()
     gpu = args.device == "cuda" and not args.smoke
     t0 = time.perf_counter()
-    if args.kit:  # the GPU kit's prebuilt .rec and face (the face folders do not travel to the GPU machine)
-        rec, face = Path(args.kit) / "rec", Path(args.kit) / "face.pgm"
-        ids = (rec / "property").read_text().split(",")[0]
-        num_classes, available = int(ids), rec_images(rec)
-    else:
-        faces = conftest.faces_dir()
-        if not faces.is_dir():
-            raise Skip(f"face images not found at {faces} (set OTFACE_FACES_DIR, or pass --kit)")
-        names = sorted(p.name for p in faces.iterdir() if p.is_dir())[: (None if gpu else 6)]
-        id_list = work / "identities.txt"
-        id_list.write_text("\n".join(names) + "\n")
-        rec = work / "rec"
-        itest.otface_data("build-rec", faces, f"{rec}/", "--identities-from", id_list, "--resize", 112,
-                          "--no-progress", "--force")
-        face = sorted((faces / names[0]).glob("*.pgm"))[0]
-        num_classes, available = len(names), rec_images(rec)
+    rec, face, num_classes, available = recipe_data(args, work)
     build_s = time.perf_counter() - t0
     num_image = available if gpu else 6 * SMOKE_BATCH
     batch = GPU_BATCH if gpu else SMOKE_BATCH
@@ -278,6 +267,88 @@ def stage_recipe(args, work: Path) -> dict:
     if not (export.get("max_abs_diff", 1) < 1e-3 and export.get("embedding_finite")
             and export.get("taskname") == "recognition"):
         problems.append(f"export check: {export}")
+    return {"status": "fail" if problems else "pass", "figures": figures, "detail": "; ".join(problems)}
+
+
+def recipe_data(args, work: Path):
+    """(rec dir, a face image, identities, images) for the recipe stages: the GPU kit's prebuilt
+    .rec, else one built by otface-data from the face set (once per work dir)."""
+    gpu = args.device == "cuda" and not args.smoke
+    if args.kit:  # the GPU kit's prebuilt .rec and face (the face folders do not travel to the GPU machine)
+        rec, face = Path(args.kit) / "rec", Path(args.kit) / "face.pgm"
+        ids = (rec / "property").read_text().split(",")[0]
+        return rec, face, int(ids), rec_images(rec)
+    faces = conftest.faces_dir()
+    if not faces.is_dir():
+        raise Skip(f"face images not found at {faces} (set OTFACE_FACES_DIR, or pass --kit)")
+    names = sorted(p.name for p in faces.iterdir() if p.is_dir())[: (None if gpu else 6)]
+    rec = work / "rec"
+    if not (rec / "train.rec").is_file():
+        id_list = work / "identities.txt"
+        id_list.write_text("\n".join(names) + "\n")
+        itest.otface_data("build-rec", faces, f"{rec}/", "--identities-from", id_list, "--resize", 112,
+                          "--no-progress", "--force")
+    face = sorted((faces / names[0]).glob("*.pgm"))[0]
+    return rec, face, len(names), rec_images(rec)
+
+
+def stage_bf16(args, work: Path) -> dict:
+    """precision: bf16 in the patched recipe: train, then resume one epoch; loss finite (and
+    falling on the GPU), the bf16 path taken (its log line, no GradScaler), the set's precision."""
+    import torch
+
+    from otface_plugin.arcface_torch import installer
+    from otface_plugin.arcface_torch.checkpoint import describe, read_set
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return {"status": "fail", "detail": "no CUDA device visible to torch"}
+    if args.device == "cuda" and not torch.cuda.is_bf16_supported():
+        return {"status": "n/a", "detail": "this GPU has no bfloat16 support (before Ampere)"}
+    check_train_python(args.train_python)
+    gpu = args.device == "cuda" and not args.smoke
+    rec, _, num_classes, available = recipe_data(args, work)
+    num_image = available if gpu else 6 * SMOKE_BATCH
+    steps_per_epoch = num_image // (GPU_BATCH if gpu else SMOKE_BATCH)
+    epochs = max(2, round(40 / steps_per_epoch)) if gpu else 2
+    root = installer.copy_checkout(recipe_root(), work / "arcface_torch_bf16")
+    installer.install(root)
+    cfg, out_dir = root / "configs" / "gpu_check_bf16.yaml", root / "work_dirs" / "gpu_check_bf16"
+
+    def job(resume: bool, n: int) -> str:
+        text = recipe_job(args, rec, num_classes, num_image, resume, n)
+        return re.sub(r"^fp16: \w+$", "precision: bf16", text, flags=re.M)
+
+    figures = {"steps_first_run": steps_per_epoch * epochs}
+    cfg.write_text(job(False, epochs))
+    t0 = time.perf_counter()
+    itest.torchrun(args.train_python, root, "configs/gpu_check_bf16.yaml", 1, args.limit("recipe"))
+    figures["first_run_s"] = round(time.perf_counter() - t0, 1)
+    log_first = (out_dir / "training.log").read_text()
+    cfg.write_text(job(True, epochs + 1))
+    itest.torchrun(args.train_python, root, "configs/gpu_check_bf16.yaml", 1, args.limit("recipe"))
+    log_all = (out_dir / "training.log").read_text()
+    rows, resumed = itest.ot_rows(log_first), itest.ot_rows(log_all[len(log_first):])
+    problems = []
+    if f"precision bf16: {'cuda' if args.device == 'cuda' else 'cpu'} autocast in bfloat16" not in log_first:
+        problems.append("no 'precision bf16' line in training.log: the bf16 path was not taken")
+    if "Fp16 Grad Scale" in log_first:
+        problems.append("a GradScaler ran")
+    losses = [r[1] for r in rows]
+    if not rows:
+        problems.append("no OTFace component lines in training.log")
+    else:
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        figures.update(loss_first5=round(first, 4), loss_last5=round(last, 4), ot_last=rows[-1][3])
+        if not all(x == x and abs(x) < 1e6 for x in losses):
+            problems.append("non-finite loss")
+        if not last < first and not args.smoke:
+            problems.append(f"loss did not fall ({first:.4f} -> {last:.4f})")
+    expected = list(range(len(rows) + 1, len(rows) + steps_per_epoch + 1))
+    if [r[0] for r in resumed] != expected:
+        problems.append(f"resumed steps {[r[0] for r in resumed][:3]}... do not continue at {len(rows) + 1}")
+    figures["checkpoint_precision"] = describe(read_set(out_dir))["precision"]
+    if figures["checkpoint_precision"] != "bf16":
+        problems.append(f"checkpoint precision {figures['checkpoint_precision']!r}")
     return {"status": "fail" if problems else "pass", "figures": figures, "detail": "; ".join(problems)}
 
 
@@ -355,8 +426,8 @@ def stage_solver(args, work: Path) -> dict:
     return {"status": "pass" if res["summary"].get("pass") else "fail", "figures": figures, "table": table}
 
 
-STAGE_FUNCS = {"tests": stage_tests, "nosync": stage_nosync, "recipe": stage_recipe, "step": stage_step,
-               "solver": stage_solver}
+STAGE_FUNCS = {"tests": stage_tests, "nosync": stage_nosync, "recipe": stage_recipe, "bf16": stage_bf16,
+               "step": stage_step, "solver": stage_solver}
 
 
 # ----------------------------------------------------------------------------- report

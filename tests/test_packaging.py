@@ -34,7 +34,7 @@ def test_wheel_contains_patches_and_configs(wheel):
     assert "otface_plugin/ot.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for script in ("otface-data", "otface-install", "otface-train", "otface-demo", "otface-bench"):
+    for script in ("otface-data", "otface-install", "otface-train", "otface-demo", "otface-bench", "otface-ckpt"):
         assert script in text
 
 

@@ -273,6 +273,8 @@ def prepare_config(cfg: Any) -> Any:
     """
     _config_errors_in_one_line()
     check_value_types(cfg)
+    check_init_files(cfg)
+    resolve_precision(cfg)
     loss = cfg.get("loss")
     if loss is None:
         if cfg.get("otface") is not None:
@@ -348,6 +350,35 @@ def check_value_types(cfg: Mapping[str, Any], where: str = "config") -> None:
     for key, (types, what) in KNOWN_KEYS.items():
         if key in cfg and not (key in PLUGIN_KEYS and cfg[key] is None):
             _check_type(where, key, cfg[key], types, what)
+
+
+def check_init_files(cfg: Mapping[str, Any]) -> None:
+    """The fine-tuning keys (``schema.INIT_KEYS``) name files that exist, checked before training
+    starts; what is in them is checked when they are loaded (checkpoint.py)."""
+    from otface_plugin.arcface_torch.schema import INIT_KEYS
+
+    for key in INIT_KEYS:
+        path = cfg.get(key)
+        if path is not None and not osp.isfile(path):
+            raise ConfigError(f"key {key!r}: no such file {path} (looked from {os.getcwd()})")
+
+
+def resolve_precision(cfg: Any) -> None:
+    """``precision`` (``schema.PRECISIONS``) against upstream's ``fp16``: ``fp16`` is
+    ``precision: fp16`` (which sets ``fp16: true``); ``fp16: true`` beside another precision is an
+    error. Unset, the config is left as it is."""
+    from otface_plugin.arcface_torch.schema import PRECISIONS
+
+    precision = cfg.get("precision")
+    if precision is None:
+        return
+    if precision not in PRECISIONS:
+        raise ConfigError(f"key 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16":
+        cfg.fp16 = True
+    elif cfg.get("fp16"):
+        raise ConfigError(f"key 'precision' is {precision!r} but 'fp16' is true (fp16: true means precision: fp16); "
+                          "set one of them")
 
 
 def _note_fp16_without_cuda(cfg: Any) -> None:

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -338,3 +339,144 @@ def _log_to_wandb(run, c: dict, global_step: int) -> None:
         run.define_metric("otface/*", step_metric=WANDB_STEP)
         _WANDB_DEFINED.add(id(run))
     run.log({WANDB_STEP: global_step, **{f"otface/{key}": c[key] for key in COMPONENTS}}, commit=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: resume on another number of ranks (checkpoint.py)
+def resume_elsewhere(cfg: Any, world_size: int) -> bool:
+    """Whether ``resume: true`` needs the plugin: the set in ``cfg.output`` was saved on another
+    number of ranks (or re-split by ``otface-ckpt split``, so its steps count on another). False
+    leaves train_v2.py's own resume (same ranks) exactly as upstream's."""
+    from otface_plugin.arcface_torch.checkpoint import saved_layout
+
+    if not cfg.get("resume"):
+        return False
+    layout = saved_layout(cfg.output)
+    return layout is not None and layout != (world_size, world_size)
+
+
+def resume(cfg: Any, rank: int, world_size: int, backbone: torch.nn.Module, head: torch.nn.Module,
+           opt: torch.optim.Optimizer, lr_scheduler: Any):
+    """train_v2.py's resume for a set saved on another number of ranks; (start_epoch, global_step)."""
+    from otface_plugin.arcface_torch.checkpoint import resume_into
+
+    return resume_into(cfg, rank, world_size, backbone, head, opt, lr_scheduler)
+
+
+def checkpoint_extras(checkpoint: dict, cfg: Any, world_size: int, amp: Any = None) -> dict:
+    """What the plugin adds to each rank's checkpoint: the rank count and the world size its step
+    counts on (so another number of ranks can resume it), the batch size and precision; with
+    ``fp16``, the GradScaler's state (:func:`restore_grad_scaler`)."""
+    from otface_plugin.arcface_torch.checkpoint import META_KEY
+
+    precision = cfg.get("precision") or ("fp16" if cfg.get("fp16") else "fp32")
+    checkpoint[META_KEY] = {"ranks": world_size, "step_world_size": world_size,
+                            "batch_size": int(cfg.batch_size), "precision": precision}
+    if cfg.get("fp16") and amp is not None:
+        checkpoint["state_grad_scaler"] = amp.state_dict()
+    return checkpoint
+
+
+def init_from(cfg: Any, rank: int, world_size: int, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+    """Fine-tuning: ``init_backbone`` (a ``model.pt``, strict) and ``init_class_centres`` (merged
+    class centres) into the new job's modules, on every rank alike. Not on ``resume: true``: the
+    job's own checkpoint holds where the fine-tuning got to."""
+    from otface_plugin.arcface_torch.checkpoint import load_backbone, load_class_centres
+
+    if cfg.get("resume") or not (cfg.get("init_backbone") or cfg.get("init_class_centres")):
+        return
+    if cfg.get("init_backbone"):
+        load_backbone(cfg.init_backbone, backbone, cfg.network)
+    if cfg.get("init_class_centres"):
+        partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
+        load_class_centres(cfg.init_class_centres, partial_fc.weight, cfg.num_classes, rank, world_size)
+    if rank == 0:
+        logging.info("otface-plugin: fine-tuning from %s", ", ".join(
+            f"{k} {cfg[k]}" for k in ("init_backbone", "init_class_centres") if cfg.get(k)))
+
+
+# ----------------------------------------------------------------------------------------------
+# precision: bf16
+# upstream modules whose own autocast regions (`torch.cuda.amp.autocast(...)`, float16) become
+# bfloat16 ones under `precision: bf16`
+BF16_MODULES = ("backbones.", "partial_fc_v2")
+
+
+class _Bf16Torch(types.ModuleType):
+    """``torch`` as the recipe's backbones and PartialFC_V2 see it under ``precision: bf16``:
+    ``torch.cuda.amp.autocast(enabled)`` opens a bfloat16 autocast on the run's device (CUDA, or
+    the CPU fallback's CPU autocast); everything else is torch itself. Their regions stay
+    upstream's: what upstream keeps in float32 (the iresnets' ``fc``, mbf's ``conv_sep``, the
+    ViT's attention softmax, PartialFC_V2's logits after the matmul) stays float32."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__("torch")
+        self._device_type = device_type
+        amp = types.ModuleType("torch.cuda.amp")
+        amp.autocast = self._autocast
+        self.cuda = _Forward(torch.cuda, amp=amp)
+
+    def _autocast(self, enabled: bool = True, *args, **kwargs):
+        return torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=bool(enabled))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class _Forward:
+    """An object that is ``target`` except for the given attributes."""
+
+    def __init__(self, target: Any, **override: Any) -> None:
+        self._target = target
+        self.__dict__.update(override)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def set_precision(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+    """``precision: bf16``: the backbone's and PartialFC_V2's autocast regions run in bfloat16
+    (no GradScaler: ``fp16`` stays false; the DDP hook is :func:`comm_hook`'s). The OT term is
+    computed outside them, in float32. No-op for any other precision."""
+    if cfg.get("precision") != "bf16":
+        return
+    partial_fc = head.partial_fc if isinstance(head, OTFaceHead) else head
+    device_type = next(backbone.parameters()).device.type
+    proxy = _Bf16Torch(device_type)
+    names = {type(m).__module__ for m in (*backbone.modules(), partial_fc)}
+    for name in sorted(names):
+        module = sys.modules.get(name)
+        if name.startswith(BF16_MODULES) and getattr(module, "torch", None) is torch:
+            module.torch = proxy
+    backbone.fp16 = True  # opens the iresnets' and mbf's autocast region, and casts their last layer's input to float
+    partial_fc.fp16 = True  # the same for PartialFC_V2's logits
+    if (distributed.get_rank() if distributed.is_initialized() else 0) == 0:
+        logging.info("otface-plugin: precision bf16: %s autocast in bfloat16, no GradScaler, bf16_compress_hook",
+                     device_type)
+
+
+def comm_hook(cfg: Any, default: Callable) -> Callable:
+    """The backbone's DDP gradient compression: bfloat16 with ``precision: bf16``, else upstream's."""
+    if cfg.get("precision") == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        return bf16_compress_hook
+    return default
+
+
+def restore_grad_scaler(cfg: Any, rank: int, amp: Any) -> None:
+    """On ``resume: true`` with ``fp16``: the GradScaler's scale and growth tracker from the
+    checkpoint (this rank's file, or rank 0's after a resume on other ranks: DDP's all-reduced
+    gradients give every rank the same scale). A checkpoint without it (saved by upstream)
+    leaves the new scaler as upstream does."""
+    from otface_plugin.arcface_torch.checkpoint import checkpoint_name, saved_layout
+
+    if not (cfg.get("resume") and cfg.get("fp16")):
+        return
+    layout = saved_layout(cfg.output)
+    path = os.path.join(cfg.output, checkpoint_name(rank))
+    if not (layout and rank < layout[0] and os.path.isfile(path)):
+        path = os.path.join(cfg.output, checkpoint_name(0))
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("state_grad_scaler")
+    if state:
+        amp.load_state_dict(state)

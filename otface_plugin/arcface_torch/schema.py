@@ -95,6 +95,15 @@ PLUGIN_KEYS: Dict[str, Tuple[tuple, str]] = {
     "head_options": ((dict,), "a mapping of the margin head's options"),
     "hard": ((dict,), "a mapping of hard-sampler options (neighbours, hard_fraction, refresh_steps)"),
 }
+# fine-tuning (hooks.init_from, checkpoint.py): files the job starts from, unless it resumes
+INIT_KEYS: Dict[str, Tuple[tuple, str]] = {
+    "init_backbone": ((str, type(None)), "a backbone state dict file (the recipe's model.pt) or null"),
+    "init_class_centres": ((str, type(None)), "a merged checkpoint (otface-ckpt merge) or null"),
+}
+PLUGIN_KEYS.update(INIT_KEYS)
+# precision: the recipe's mixed precision (hooks.set_precision); fp16 is upstream's `fp16: true`
+PRECISIONS = ("fp32", "fp16", "bf16")
+PLUGIN_KEYS["precision"] = ((str, type(None)), " or ".join(f'"{p}"' for p in PRECISIONS))
 KNOWN_KEYS = {**RECIPE_KEYS, **PLUGIN_KEYS}
 
 DEFAULT_REFRESH_STEPS = 1000  # hard.refresh_steps: the recipe's refresh of the class centres (hooks.py)

@@ -173,6 +173,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             parser.error("give a CONFIG (or --run SCRIPT)")
         if rest:
             parser.error(f"unknown arguments for train_v2.py: {' '.join(rest)}")
+    from otface_plugin.arcface_torch.checkpoint import CheckpointError
     from otface_plugin.arcface_torch.config import ConfigError
     from otface_plugin.mining import NonFiniteError
     from otface_plugin.registry import UnknownLossError
@@ -189,7 +190,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except (ConfigError, UnknownLossError) as exc:
         print(f"otface-train: bad config: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NonFiniteError) as exc:
+    except (FileNotFoundError, NonFiniteError, CheckpointError) as exc:
         print(f"otface-train: error: {exc}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
