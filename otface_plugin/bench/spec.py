@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
 from otface_plugin.data.sampler import DEFAULT_NUM_INSTANCES
-from otface_plugin.losses.head import HEADS
+from otface_plugin.losses.head import plugin_heads
 from otface_plugin.losses.otface import OTFaceLoss
 
 __all__ = ["LOSSES", "LOSS_CHOICES", "TrainConfig", "OTFACE_DEFAULTS", "RunSpec"]
 
 LOSSES = ("arcface", "cosface", "otface")  # the default study
-# every loss a study may name: the default ones and the registered margin heads (adaface, ...)
-LOSS_CHOICES = LOSSES + tuple(sorted(HEADS))
+# every loss a study may name: the default ones and the margin heads the plugin adds (adaface, ...)
+LOSS_CHOICES = LOSSES + tuple(sorted(plugin_heads()))
 
 
 @dataclass

@@ -17,8 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from otface_plugin.losses.grad_share import GradShareProbe, adapt_lambda, share_and_cosine
-from otface_plugin.losses.head import HEADS
-from otface_plugin.losses.margin import MarginSoftmaxLoss, margin_triple
+from otface_plugin.losses.head import MarginSoftmaxLoss, margin_head
 from otface_plugin.mining import (TRIPLET_MODES, Triplets, check_triplets, hardest_pairs, mine_triplets,
                                   misclassified_mask, require_finite)
 from otface_plugin.ot import cosine_cost, pick_method, sinkhorn
@@ -221,9 +220,8 @@ class OTFaceLoss(torch.nn.Module):
     state dict, so a resumed run continues exactly. The warm-up still scales it.
     ``measure_grad_share=False`` leaves the backward without the probe's hooks (the share is then NaN).
 
-    ``triplet_mode="misclassified"`` without ``logits=`` reads the head's ``last_cosine`` (the
-    detached (B, C) cosines that :class:`MarginSoftmaxLoss` and the registered heads record at
-    each forward; PartialFC_V2 does not). After a forward, :meth:`components` returns the logged
+    ``triplet_mode="misclassified"`` without ``logits=`` reads the cosines of the own
+    :class:`MarginSoftmaxLoss` (built from ``num_classes`` and ``margin``; PartialFC_V2 hands none over). After a forward, :meth:`components` returns the logged
     parts as floats.
     """
 
@@ -264,11 +262,7 @@ class OTFaceLoss(torch.nn.Module):
         if head is None:
             if num_classes is None:
                 raise ValueError("OTFaceLoss needs either head (a margin head, e.g. PartialFC_V2) or num_classes")
-            if isinstance(margin, str) and margin in HEADS:  # a registered head, e.g. adaface
-                head = HEADS[margin].loss_class(num_classes, embedding_size, s=s)
-            else:
-                m1, m2, m3 = margin_triple(margin)
-                head = MarginSoftmaxLoss(num_classes, embedding_size, s, m1, m2, m3)
+            head = MarginSoftmaxLoss(num_classes, embedding_size, margin_head(margin, s))
         elif not callable(head):
             raise TypeError(f"head must be callable (embeddings, labels) -> loss, got {type(head)}")
         self.margin_loss = head  # the checkpoint name (state dict keys margin_loss.*); read it as .head
@@ -325,11 +319,12 @@ class OTFaceLoss(torch.nn.Module):
         labels = labels.detach().reshape(-1)
         margin_part = self.head(embeddings, labels.clone())
         if logits is None and indices_tuple is None and self.ot_term.triplet_mode == "misclassified":
-            logits = getattr(self.head, "last_cosine", None)  # the documented hand-over, see the class docstring
+            # the own standalone loss hands its cosines over; an outside head (PartialFC_V2) has none
+            logits = self.head._last_cosine if isinstance(self.head, MarginSoftmaxLoss) else None
             if logits is None:
                 raise ValueError(
                     "triplet_mode='misclassified' needs logits: pass logits=..., indices_tuple=... or use a "
-                    "margin head that records last_cosine"
+                    "loss built with num_classes (its own margin softmax hands its cosines over)"
                 )
         learning = self.training and torch.is_grad_enabled()  # a no_grad or eval forward changes nothing
         if learning and self.adaptive:
