@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["mine_triplets", "hardest_pairs", "misclassified_mask", "check_triplets", "require_finite", "NonFiniteError",
+           "FiniteWatch",
            "Triplets", "TRIPLET_MODES", "IGNORE_LABEL"]
 
 TRIPLET_MODES = ("hard", "all", "misclassified")
@@ -32,11 +33,81 @@ def require_finite(name: str, x: torch.Tensor) -> None:
     if bool(finite.all()):
         return
     bad_rows = torch.nonzero(~finite.reshape(finite.shape[0], -1).all(dim=1)).view(-1).tolist()
-    raise NonFiniteError(
-        f"{name} hold {int((~finite).sum())} NaN/inf values of {x.numel()} (batch samples "
-        f"{bad_rows[:8]}{' ...' if len(bad_rows) > 8 else ''}): the loss would be NaN; "
-        "check the learning rate, the input images and fp16 overflow"
-    )
+    raise NonFiniteError(_non_finite_message(name, int((~finite).sum()), x.numel(), bad_rows))
+
+
+def _non_finite_message(name: str, count: int, numel: int, bad_rows) -> str:
+    return (f"{name} hold {count} NaN/inf values of {numel} (batch samples "
+            f"{list(bad_rows[:8])}{' ...' if len(bad_rows) > 8 else ''}): the loss would be NaN; "
+            "check the learning rate, the input images and fp16 overflow")
+
+
+class FiniteWatch:
+    """:func:`require_finite` for a path that must not synchronise with its device (the OT term's
+    fixed-shape path).
+
+    A Python error needs the host to read the data. Where that read waits for nothing (a CPU
+    tensor) the check is :func:`require_finite` itself: the same error in the same step. On a CUDA
+    tensor the step only queues a small summary (count, first bad samples) and its copy to pinned
+    host memory; the error, with the same message, is raised at the first host read after it has
+    arrived: the next :meth:`check` whose event has completed (a non-blocking query, usually the
+    next step) or :meth:`raise_pending` (``OTFaceLoss.components()`` calls it, and it synchronises
+    anyway). Not ``torch._assert_async``: on CUDA it is a device-side assert, which names nothing
+    and leaves the CUDA context unusable (no checkpoint can be saved after it).
+    A ``meta`` tensor holds no values: nothing to check.
+    """
+
+    MAX_PENDING = 8  # past this many summaries in flight, wait for the oldest (bounds the host memory)
+
+    def __init__(self) -> None:
+        self._pending: list = []
+
+    def check(self, name: str, x: torch.Tensor) -> None:
+        self.raise_pending(wait=len(self._pending) >= self.MAX_PENDING)
+        if x.device.type == "meta":
+            return
+        if x.device.type != "cuda":
+            require_finite(name, x)
+            return
+        summary = _non_finite_summary(x)
+        host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+        host.copy_(summary, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((name, x.numel(), host, event))
+
+    def raise_pending(self, wait: bool = True) -> None:
+        """Raise the error of a checked step whose summary has arrived (all of them: ``wait``)."""
+        while self._pending:
+            name, numel, host, event = self._pending[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return
+            self._pending.pop(0)
+            message = _summary_message(name, numel, host.tolist())
+            if message:
+                self._pending.clear()
+                raise NonFiniteError(message)
+
+
+@torch.no_grad()
+def _non_finite_summary(x: torch.Tensor) -> torch.Tensor:
+    """(11,) int64 on x's device, no host sync: the NaN/inf count, the bad samples' count and the
+    first 9 bad samples (9: enough to tell "more than 8"; padded with the batch size)."""
+    bad = ~torch.isfinite(x.detach())
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1)
+    order = torch.arange(rows.shape[0], device=x.device)
+    first = torch.sort(torch.where(rows, order, torch.full_like(order, rows.shape[0]))).values[:9]
+    first = torch.cat([first, first.new_full((9 - first.shape[0],), rows.shape[0])])
+    return torch.cat([bad.sum().view(1), rows.sum().view(1), first])
+
+
+def _summary_message(name: str, numel: int, summary) -> str:
+    """:func:`require_finite`'s message from a :func:`_non_finite_summary` read on the host; ""
+    when all values were finite."""
+    count, rows, first = int(summary[0]), int(summary[1]), [int(v) for v in summary[2:]]
+    return _non_finite_message(name, count, numel, first[:min(rows, 9)]) if count else ""
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -111,3 +111,19 @@ def test_non_finite_embeddings_are_an_error(bad):
     emb[5, 2] = bad
     with pytest.raises(NonFiniteError, match=r"embeddings hold 1 NaN/inf values of 32 \(batch samples \[5\]\)"):
         mine_triplets(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+
+
+@pytest.mark.parametrize("bad_rows", [[], [3], [0, 5, 9], list(range(2, 14))])
+def test_sync_free_finite_summary_gives_require_finites_message(bad_rows):
+    from otface_plugin.mining import NonFiniteError, _non_finite_summary, _summary_message, require_finite
+
+    x = torch.randn(16, 3, 2)
+    for i, row in enumerate(bad_rows):
+        x[row].view(-1)[i % 6] = float("nan") if i % 2 else float("inf")
+    got = _summary_message("conv features", x.numel(), _non_finite_summary(x).tolist())
+    if not bad_rows:
+        assert got == ""
+        return
+    with pytest.raises(NonFiniteError) as err:
+        require_finite("conv features", x)
+    assert got == str(err.value)

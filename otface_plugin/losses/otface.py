@@ -18,8 +18,8 @@ from torch.nn import functional as F
 
 from otface_plugin.losses.grad_share import GradShareProbe, adapt_lambda, share_and_cosine
 from otface_plugin.losses.head import MarginSoftmaxLoss, margin_head
-from otface_plugin.mining import (TRIPLET_MODES, Triplets, check_triplets, hardest_pairs, mine_triplets,
-                                  misclassified_mask, require_finite)
+from otface_plugin.mining import (TRIPLET_MODES, FiniteWatch, Triplets, check_triplets, hardest_pairs,
+                                  mine_triplets, misclassified_mask, require_finite)
 from otface_plugin.ot import cosine_cost, pick_method, sinkhorn
 from otface_plugin.registry import register_loss
 
@@ -49,6 +49,10 @@ class OTFaceTerm(torch.nn.Module):
     (``max_triplets`` slots when set), the hard ones masked in, so the OT problems keep one
     shape from step to step and the step has no host synchronisation; the Sinkhorn loop then
     runs through ``torch.compile`` or as a captured CUDA graph (eager off CUDA). Same loss value.
+    NaN/inf inputs raise the eager path's :class:`~otface_plugin.mining.NonFiniteError` there too:
+    in the same step off CUDA; on CUDA, where waiting for the check would be the host sync this
+    path avoids, at the first host read after the step (the next forward, or ``components()``),
+    see :class:`~otface_plugin.mining.FiniteWatch`.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class OTFaceTerm(torch.nn.Module):
         small_span = self.method == "scaling"
         self.loop = OT_COMPILE[ot_compile] if small_span else "eager"
         self.last: Dict[str, torch.Tensor | float] = {}
+        self._finite = FiniteWatch()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, features: Optional[torch.Tensor] = None,
                 logits: Optional[torch.Tensor] = None, indices_tuple: Optional[Triplets] = None) -> torch.Tensor:
@@ -134,6 +139,10 @@ class OTFaceTerm(torch.nn.Module):
             if a.numel() == 0:
                 return zero
         else:
+            # the eager path's checks, in its order, without a host sync on a device (FiniteWatch)
+            if self.feature == "conv":
+                self._finite.check("conv features", features)
+            self._finite.check("embeddings", embeddings)
             a, p, n, mask = self._mine_fixed(embeddings, labels, logits)
             self.last = {"triplets": mask.sum(), "w_ap": zero, "w_an": zero}
 
@@ -351,6 +360,7 @@ class OTFaceLoss(torch.nn.Module):
 
         Reading them synchronises with the device: call it when logging, not every step.
         """
+        self.ot_term._finite.raise_pending()  # a fixed-shape step's NaN/inf check, if not raised yet
         share, cos = share_and_cosine(self.grad_stats)
         return {**{k: float(v) for k, v in self._last.items()}, "grad_share": float(share), "grad_cos": float(cos)}
 

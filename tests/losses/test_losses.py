@@ -171,6 +171,22 @@ def test_non_finite_inputs_are_a_clear_error(where):
         loss_fn(emb, torch.arange(4).repeat_interleave(2), features=feats)
 
 
+@pytest.mark.parametrize("ot_compile", ["none", "cudagraph", "compile"])
+@pytest.mark.parametrize("where, feature", [("embeddings", "conv"), ("conv features", "conv"),
+                                            ("embeddings", "embedding")])
+def test_non_finite_inputs_raise_the_same_error_on_every_path(where, feature, ot_compile):
+    from otface_plugin.mining import NonFiniteError
+
+    emb, feats = torch.randn(8, 16), torch.randn(8, 4, 2, 2)
+    bad = emb if where == "embeddings" else feats
+    bad[6].view(-1)[0] = float("nan")
+    bad[2].view(-1)[1] = float("inf")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature=feature, ot_compile=ot_compile)
+    with pytest.raises(NonFiniteError) as err:
+        loss_fn(emb, torch.arange(4).repeat_interleave(2), features=feats if feature == "conv" else None)
+    assert str(err.value).startswith(f"{where} hold 2 NaN/inf values of {bad.numel()} (batch samples [2, 6])")
+
+
 def test_embedding_feature_mode():
     loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding", triplet_mode="all", lambda_ot=1.0)
     emb = torch.randn(16, 16, requires_grad=True)
