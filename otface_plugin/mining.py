@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["mine_triplets", "hardest_pairs", "misclassified_mask", "check_triplets", "require_finite", "NonFiniteError",
-           "FiniteWatch",
+           "FiniteWatch", "check_batch",
            "Triplets", "TRIPLET_MODES", "IGNORE_LABEL"]
 
 TRIPLET_MODES = ("hard", "all", "misclassified")
@@ -110,6 +110,27 @@ def _summary_message(name: str, numel: int, summary) -> str:
     return _non_finite_message(name, count, numel, first[:min(rows, 9)]) if count else ""
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_batch(embeddings, labels, embedding_size: Optional[int] = None) -> torch.Tensor:
+    """The flat (B,) labels of a batch, after a ValueError naming the argument and its bad type,
+    shape or dtype: embeddings not (B, D) (D = ``embedding_size`` when given), labels not an
+    integer tensor of shape (B,) or (B, 1). Reads only shapes and dtypes: no host sync."""
+    want = "D" if embedding_size is None else str(embedding_size)
+    if not isinstance(embeddings, torch.Tensor):
+        raise ValueError(f"embeddings must be a (B, {want}) tensor, got a {type(embeddings).__name__}")
+    if embeddings.dim() != 2 or (embedding_size is not None and embeddings.shape[1] != embedding_size):
+        size = "" if embedding_size is None else f" (embedding_size={embedding_size})"
+        raise ValueError(f"embeddings must be (B, {want}){size}, got shape {tuple(embeddings.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a tensor of class indices, got a {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if not (labels.dim() == 1 or (labels.dim() == 2 and labels.shape[1] == 1)):
+        raise ValueError(f"labels must be (B,) or (B, 1), got shape {tuple(labels.shape)}")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must hold one class per embedding ({embeddings.shape[0]}), got {labels.shape[0]}")
+    return labels.reshape(-1)
 
 
 def check_triplets(indices_tuple, batch_size: int, device: Optional[torch.device] = None) -> Triplets:

@@ -32,6 +32,7 @@ from torch import distributed
 from torch.nn import functional as F
 
 from otface_plugin import registry
+from otface_plugin.mining import IGNORE_LABEL, check_batch
 
 __all__ = ["MarginHead", "MarginSoftmaxLoss", "HEADS", "MARGIN_PRESETS", "register_head", "build_margin",
            "margin_head", "margin_triple", "head_options", "heads_table", "plugin_heads"]
@@ -82,6 +83,16 @@ class MarginHead(torch.nn.Module):
             if self.sharded and distributed.is_available() and distributed.is_initialized():
                 distributed.all_reduce(both)
         return both[0].to(cosine.dtype), both[1] > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a running statistic read back as NaN/inf would make every later loss NaN without a word
+        for name, buffer in self._buffers.items():
+            value = state_dict.get(prefix + name)
+            if buffer is not None and buffer.is_floating_point() and isinstance(value, torch.Tensor) \
+                    and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"checkpoint key {prefix + name!r} holds NaN/inf: the head's running "
+                                 "statistic is corrupt; resume from an earlier checkpoint")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_norms(self, batch: int) -> torch.Tensor:
         if self.norms is None or self.norms.numel() != batch:
@@ -149,7 +160,13 @@ class MarginSoftmaxLoss(torch.nn.Module):
         self._last_cosine: Optional[torch.Tensor] = None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.view(-1).long()
+        num_classes, embedding_size = self.weight.shape
+        labels = check_batch(embeddings, labels, embedding_size).long()
+        if labels.numel():  # the class range (one host read; the -1 filter below reads anyway)
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if high >= num_classes or low < IGNORE_LABEL:
+                raise ValueError(f"labels hold class {high if high >= num_classes else low}, outside 0 .. "
+                                 f"{num_classes - 1} (num_classes={num_classes}); -1 marks no label")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.float()
             if self.margin.needs_norms:

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from otface_plugin.losses.grad_share import GradShareProbe, adapt_lambda, share_and_cosine
 from otface_plugin.losses.head import MarginSoftmaxLoss, margin_head
-from otface_plugin.mining import (TRIPLET_MODES, FiniteWatch, Triplets, check_triplets, hardest_pairs,
+from otface_plugin.mining import (TRIPLET_MODES, FiniteWatch, Triplets, check_batch, check_triplets, hardest_pairs,
                                   mine_triplets, misclassified_mask, require_finite)
 from otface_plugin.ot import cosine_cost, pick_method, sinkhorn
 from otface_plugin.registry import register_loss
@@ -87,7 +87,8 @@ class OTFaceTerm(torch.nn.Module):
             _check_positive("eps_start", eps_start)
         if not (isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1):
             raise ValueError(f"OTFace option iters must be a positive integer, got {iters!r}")
-        if max_triplets is not None and not (isinstance(max_triplets, int) and max_triplets >= 1):
+        if max_triplets is not None and not (isinstance(max_triplets, int) and not isinstance(max_triplets, bool)
+                                             and max_triplets >= 1):
             raise ValueError(f"OTFace option max_triplets must be a positive integer or None, got {max_triplets!r}")
         self.eps, self.iters, self.feature = float(eps), iters, feature
         self.triplet_mode, self.triplet_margin = triplet_mode, float(triplet_margin)
@@ -108,7 +109,7 @@ class OTFaceTerm(torch.nn.Module):
         mining; ``triplet_mode``, ``triplet_margin`` and ``logits`` then play no part, and
         ``max_triplets`` still keeps the most violating ones. Such triplets take the eager path
         (their count changes from step to step) whatever ``ot_compile`` says; same loss value."""
-        labels = labels.view(-1)
+        labels = check_batch(embeddings, labels)
         if self.feature == "conv":
             if features is None:
                 raise ValueError(
@@ -299,6 +300,20 @@ class OTFaceLoss(torch.nn.Module):
           for n, p in inspect.signature(OTFaceTerm.__init__).parameters.items() if n != "self"),
     ])
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checked before anything is loaded: a refused checkpoint leaves the loss as it was. The
+        # lambda mode is refused with strict=False too: torch hands every module strict=True.
+        if self.adaptive and prefix + "lambda_auto" not in state_dict and prefix + "step" in state_dict:
+            raise ValueError(f"checkpoint has no key {prefix + 'lambda_auto'!r}: it was trained with a fixed lambda_ot, "
+                             f"this loss has lambda_ot={AUTO_LAMBDA!r}; set lambda_ot to that run's number to resume it "
+                             "(or start a new run for the adaptive lambda)")
+        if not self.adaptive and prefix + "lambda_auto" in state_dict:
+            raise ValueError(f"checkpoint key {prefix + 'lambda_auto'!r} holds an adaptive lambda "
+                             f"(lambda_ot={AUTO_LAMBDA!r}), this loss has lambda_ot={self.lambda_ot}; set lambda_ot: "
+                             f"{AUTO_LAMBDA} to resume that run (or start a new run for a fixed lambda)")
+        _check_loaded_buffers(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def head(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The margin head, ``head(embeddings, labels) -> loss`` (stored as ``margin_loss``)."""
@@ -325,7 +340,7 @@ class OTFaceLoss(torch.nn.Module):
         """``L_margin + lambda * L_OT``; ``features``, ``logits`` and ``indices_tuple`` go to
         :meth:`OTFaceTerm.forward`."""
         # PartialFC_V2 squeezes its labels in place: it gets a copy, we keep a flat view.
-        labels = labels.detach().reshape(-1)
+        labels = check_batch(embeddings, labels).detach()
         margin_part = self.head(embeddings, labels.clone())
         if logits is None and indices_tuple is None and self.ot_term.triplet_mode == "misclassified":
             # the own standalone loss hands its cosines over; an outside head (PartialFC_V2) has none
@@ -363,6 +378,22 @@ class OTFaceLoss(torch.nn.Module):
         self.ot_term._finite.raise_pending()  # a fixed-shape step's NaN/inf check, if not raised yet
         share, cos = share_and_cosine(self.grad_stats)
         return {**{k: float(v) for k, v in self._last.items()}, "grad_share": float(share), "grad_cos": float(cos)}
+
+
+def _check_loaded_buffers(state_dict, prefix: str) -> None:
+    """The loss's own buffers in a checkpoint: a ValueError naming the key for a value no run writes."""
+    step = state_dict.get(prefix + "step")
+    if isinstance(step, torch.Tensor) and (step.numel() != 1 or step.is_floating_point() or int(step) < 0):
+        raise ValueError(f"checkpoint key {prefix + 'step'!r} holds {step.tolist()}: the step count must be an "
+                         "integer >= 0; the checkpoint is corrupt")
+    lam = state_dict.get(prefix + "lambda_auto")
+    if isinstance(lam, torch.Tensor) and (lam.numel() != 1 or not math.isfinite(float(lam)) or float(lam) <= 0):
+        raise ValueError(f"checkpoint key {prefix + 'lambda_auto'!r} holds {lam.tolist()}: the adaptive lambda must "
+                         "be a finite number > 0; the checkpoint is corrupt")
+    stats = state_dict.get(prefix + "grad_stats")
+    if isinstance(stats, torch.Tensor) and not bool(torch.isfinite(stats).all()):
+        raise ValueError(f"checkpoint key {prefix + 'grad_stats'!r} holds NaN/inf ({stats.tolist()}): the gradient "
+                         "statistics the adaptive lambda follows are corrupt; resume from an earlier checkpoint")
 
 
 def _descriptor_sets(features: torch.Tensor) -> torch.Tensor:
