@@ -10,11 +10,13 @@ an error (:class:`NonFiniteError`), not a silently wrong triplet choice.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mine_triplets", "hardest_pairs", "misclassified_mask", "check_triplets", "require_finite", "NonFiniteError",
+__all__ = ["mine_triplets", "select_triplets", "most_violating", "hardest_pairs", "misclassified_mask",
+           "check_triplets", "require_finite", "NonFiniteError",
            "FiniteWatch", "check_batch",
            "Triplets", "TRIPLET_MODES", "IGNORE_LABEL"]
 
@@ -210,7 +212,7 @@ def mine_triplets(
     Raises:
         NonFiniteError: the embeddings hold NaN or inf.
     """
-    if mode not in TRIPLET_MODES:
+    if mode not in TRIPLET_MODES:  # before the finite check's host sync
         raise ValueError(f"triplet mode must be one of {TRIPLET_MODES}, got {mode!r}")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
@@ -220,17 +222,48 @@ def mine_triplets(
     require_finite("embeddings", embeddings)
 
     x = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
-    S = x @ x.t()
-    positive, negative, select = hardest_pairs(S, labels)
-    anchors = torch.arange(S.shape[0], device=S.device)
+    positive, negative, select = select_triplets(x @ x.t(), labels, mode, margin, logits, misclassified)
+    idx = torch.nonzero(select, as_tuple=False).view(-1)
+    return idx, positive[idx], negative[idx]
 
+
+@torch.no_grad()
+def select_triplets(
+    similarity: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "hard",
+    margin: float = 0.1,
+    logits: Optional[torch.Tensor] = None,
+    misclassified: Optional[torch.Tensor] = None,
+) -> Triplets:
+    """The hardness rule: every anchor's hardest positive and negative on a (B, B) similarity
+    matrix and the (B,) mask of the anchors ``mode`` selects (see :func:`mine_triplets`). Fixed
+    shapes, no host sync: the OT term's fixed-shape path masks with it, :func:`mine_triplets`
+    keeps the selected anchors."""
+    if mode not in TRIPLET_MODES:
+        raise ValueError(f"triplet mode must be one of {TRIPLET_MODES}, got {mode!r}")
+    positive, negative, select = hardest_pairs(similarity, labels)
+    anchors = torch.arange(similarity.shape[0], device=similarity.device)
+    S = similarity.float()
     if mode == "hard":
         select = select & (S[anchors, negative] + margin > S[anchors, positive])
     elif mode == "misclassified":
         select = select & misclassified_mask(labels, logits, misclassified)
+    return positive, negative, select
 
-    idx = torch.nonzero(select, as_tuple=False).view(-1)
-    return idx, positive[idx], negative[idx]
+
+@torch.no_grad()
+def most_violating(embeddings: torch.Tensor, triplets: Triplets, k: int,
+                   select: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Positions of the ``k`` triplets with the largest ``S(a, n) - S(a, p)`` (cosines of the
+    embeddings), those ``select`` masks in ranked before all others: the ``max_triplets`` cap, a
+    memory bound for huge batches. Needs ``k <= len(triplets)``; no host sync."""
+    a, p, n = triplets
+    x = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
+    violation = (x[a] * x[n]).sum(1) - (x[a] * x[p]).sum(1)
+    if select is not None:
+        violation = torch.where(select, violation, torch.full_like(violation, -math.inf))
+    return violation.topk(k).indices
 
 
 def misclassified_mask(

@@ -117,7 +117,7 @@ def check_options(what: str, factory: Callable, options: dict) -> None:
     that it hands on, such as a head's standalone loss)."""
     declared = getattr(factory, "accepted_options", None)
     if callable(declared) and not inspect.isclass(factory):
-        _refuse_unknown(what, options, list(declared()))
+        refuse_unknown(what, options, list(declared()))
         return
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
@@ -130,10 +130,11 @@ def check_options(what: str, factory: Callable, options: dict) -> None:
         n for n, p in params.items()
         if n != "self" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
-    _refuse_unknown(what, options, accepted)
+    refuse_unknown(what, options, accepted)
 
 
-def _refuse_unknown(what: str, options: dict, accepted: List[str]) -> None:
+def refuse_unknown(what: str, options: dict, accepted: List[str]) -> None:
+    """TypeError naming the ``options`` not in ``accepted``, and listing those (``what`` names the callee)."""
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"unknown option(s) for {what}: {', '.join(unknown)}; "

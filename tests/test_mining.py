@@ -74,7 +74,7 @@ def test_runs_without_grad_and_rejects_bad_input():
 
 
 def test_ignored_label_is_never_anchor_positive_or_negative():
-    # issue 9 case 3: -1 ("no identity here") samples were each other's positives
+    # -1 ("no identity here") samples were once each other's positives
     torch.manual_seed(1)
     emb = torch.randn(10, 8)
     labels = torch.tensor([-1, -1, -1, 0, 0, 1, 1, -1, 2, 2])

@@ -183,13 +183,10 @@ class MarginSoftmaxLoss(torch.nn.Module):
 
 
 def margin_head(margin: Any, s: Optional[float] = None, what: str = "margin") -> MarginHead:
-    """The :class:`MarginHead` a ``margin`` option names: a head as it is, a registered head's name
-    (``s`` given: with that scale), ``"arcface"``/``"cosface"`` or ``[m1, m2, m3]`` (the combined
-    margin); else a ValueError naming ``what``."""
+    """The :class:`MarginHead` a ``margin`` option names: a head as it is (with its own scale), a
+    registered head's name, ``"arcface"``/``"cosface"`` or ``[m1, m2, m3]`` (the combined margin),
+    these with the scale ``s`` when given; else a ValueError naming ``what``."""
     if isinstance(margin, MarginHead):
-        if s is not None and getattr(margin, "s", s) != s:
-            raise ValueError(f"{what} is a {type(margin).__name__} with s={margin.s}, but s={s} was given: "
-                             "set the scale on the head")
         return margin
     scale = {} if s is None else {"s": s}
     if isinstance(margin, str) and margin.strip().lower() in registry.entries("head"):

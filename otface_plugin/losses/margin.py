@@ -80,7 +80,8 @@ class CombinedMargin(MarginHead):
     options are :func:`margin_logits`' (a test checks that the two signatures agree)."""
 
     in_recipe = True
-    paper = "InsightFace's combined margin; ArcFace: Deng et al. 2019 (arXiv:1801.07698), CosFace: Wang et al. 2018 (arXiv:1801.09414)"
+    paper = ("InsightFace's combined margin; ArcFace: Deng et al. 2019 (arXiv:1801.07698), "
+             "CosFace: Wang et al. 2018 (arXiv:1801.09414)")
     verified = ("logits and their gradient = arcface_torch's CombinedMarginLoss (the recipe's own module), "
                 "ArcFace and CosFace margins; logits = a reference derivation of the formula")
     name = "combined"

@@ -456,7 +456,8 @@ def test_head_config_errors_name_the_key(keys, match):
 def test_standalone_otface_loss_takes_a_head_as_its_margin():
     from otface_plugin.losses import OTFaceLoss
 
-    loss = OTFaceLoss(num_classes=C, embedding_size=D, margin="adaface", feature="embedding", triplet_mode="all")
+    loss = OTFaceLoss(num_classes=C, embedding_size=D, margin="adaface", feature="embedding",
+                      term_options=dict(triplet_mode="all"))
     assert isinstance(loss.margin_loss.margin, HEADS["adaface"])
     x, y = batch(0)
     assert torch.isfinite(loss(x.requires_grad_(), y))
