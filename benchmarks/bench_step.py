@@ -88,7 +88,8 @@ def time_probe_alone(shape, device) -> float:
     """Median seconds of the probe's work in one step, apart from the step's own noise: attach
     (a view, two hook registrations) and the two hooks run on gradients of ``F``'s shape."""
     stats = torch.zeros(4, device=device)
-    probe = GradShareProbe(stats)
+    probe = GradShareProbe()
+    probe.stats = stats
     leaf = torch.randn(shape, device=device, requires_grad=True)
     grad_ot, grad_total = torch.randn(shape, device=device), torch.randn(shape, device=device)
     lam = torch.tensor(0.1, device=device)
@@ -124,10 +125,11 @@ def main():
     net = (IResNet50Like() if args.backbone == "builtin" else upstream_r50(args.fp16)).to(device)
     capture = FeatureCapture(net, "layer4")
     head = MarginSoftmaxLoss(args.classes, 512).to(device)
-    otface = OTFaceLoss(head=head, lambda_ot=0.1, triplet_mode="all", ot_compile=args.ot_compile).to(device)
+    term = dict(triplet_mode="all", ot_compile=args.ot_compile)
+    otface = OTFaceLoss(head=head, lambda_ot=0.1, term_options=term).to(device)
     # the same loss without the gradient-share probe (its two tensor hooks and three reductions per step)
-    unprobed = OTFaceLoss(head=head, lambda_ot=0.1, triplet_mode="all", ot_compile=args.ot_compile,
-                          measure_grad_share=False).to(device)
+    unprobed = OTFaceLoss(head=head, lambda_ot=0.1, term_options=term,
+                          probe_options=dict(measure_grad_share=False)).to(device)
     autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                               enabled=args.fp16 and args.backbone == "builtin")
     B = args.P * args.K

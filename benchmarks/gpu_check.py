@@ -154,10 +154,10 @@ def stage_nosync(args, work: Path) -> dict:
     def plain_head(e, lab):
         return F.cross_entropy(e.float() @ weight, lab)
 
-    variants = {"plain head + ot_compile=cudagraph": dict(head=plain_head, ot_compile="cudagraph"),
-                "plain head + ot_compile=none": dict(head=plain_head, ot_compile="none"),
+    variants = {"plain head + ot_compile=cudagraph": dict(head=plain_head, term_options={"ot_compile": "cudagraph"}),
+                "plain head + ot_compile=none": dict(head=plain_head, term_options={"ot_compile": "none"}),
                 "MarginSoftmaxLoss + ot_compile=cudagraph": dict(num_classes=P, embedding_size=512,
-                                                                 ot_compile="cudagraph")}
+                                                                 term_options={"ot_compile": "cudagraph"})}
     figures = {}
     for name, kwargs in variants.items():
         loss_fn = OTFaceLoss(lambda_ot=1.0, **kwargs).to(dev)

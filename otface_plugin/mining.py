@@ -10,11 +10,14 @@ an error (:class:`NonFiniteError`), not a silently wrong triplet choice.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mine_triplets", "hardest_pairs", "misclassified_mask", "check_triplets", "require_finite", "NonFiniteError",
+__all__ = ["mine_triplets", "select_triplets", "most_violating", "hardest_pairs", "misclassified_mask",
+           "check_triplets", "require_finite", "NonFiniteError",
+           "FiniteWatch", "check_batch",
            "Triplets", "TRIPLET_MODES", "IGNORE_LABEL"]
 
 TRIPLET_MODES = ("hard", "all", "misclassified")
@@ -32,13 +35,104 @@ def require_finite(name: str, x: torch.Tensor) -> None:
     if bool(finite.all()):
         return
     bad_rows = torch.nonzero(~finite.reshape(finite.shape[0], -1).all(dim=1)).view(-1).tolist()
-    raise NonFiniteError(
-        f"{name} hold {int((~finite).sum())} NaN/inf values of {x.numel()} (batch samples "
-        f"{bad_rows[:8]}{' ...' if len(bad_rows) > 8 else ''}): the loss would be NaN; "
-        "check the learning rate, the input images and fp16 overflow"
-    )
+    raise NonFiniteError(_non_finite_message(name, int((~finite).sum()), x.numel(), bad_rows))
+
+
+def _non_finite_message(name: str, count: int, numel: int, bad_rows) -> str:
+    return (f"{name} hold {count} NaN/inf values of {numel} (batch samples "
+            f"{list(bad_rows[:8])}{' ...' if len(bad_rows) > 8 else ''}): the loss would be NaN; "
+            "check the learning rate, the input images and fp16 overflow")
+
+
+class FiniteWatch:
+    """:func:`require_finite` for a path that must not synchronise with its device (the OT term's
+    fixed-shape path).
+
+    A Python error needs the host to read the data. Where that read waits for nothing (a CPU
+    tensor) the check is :func:`require_finite` itself: the same error in the same step. On a CUDA
+    tensor the step only queues a small summary (count, first bad samples) and its copy to pinned
+    host memory; the error, with the same message, is raised at the first host read after it has
+    arrived: the next :meth:`check` whose event has completed (a non-blocking query, usually the
+    next step) or :meth:`raise_pending` (``OTFaceLoss.components()`` calls it, and it synchronises
+    anyway). Not ``torch._assert_async``: on CUDA it is a device-side assert, which names nothing
+    and leaves the CUDA context unusable (no checkpoint can be saved after it).
+    A ``meta`` tensor holds no values: nothing to check.
+    """
+
+    MAX_PENDING = 8  # past this many summaries in flight, wait for the oldest (bounds the host memory)
+
+    def __init__(self) -> None:
+        self._pending: list = []
+
+    def check(self, name: str, x: torch.Tensor) -> None:
+        self.raise_pending(wait=len(self._pending) >= self.MAX_PENDING)
+        if x.device.type == "meta":
+            return
+        if x.device.type != "cuda":
+            require_finite(name, x)
+            return
+        summary = _non_finite_summary(x)
+        host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+        host.copy_(summary, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((name, x.numel(), host, event))
+
+    def raise_pending(self, wait: bool = True) -> None:
+        """Raise the error of a checked step whose summary has arrived (all of them: ``wait``)."""
+        while self._pending:
+            name, numel, host, event = self._pending[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return
+            self._pending.pop(0)
+            message = _summary_message(name, numel, host.tolist())
+            if message:
+                self._pending.clear()
+                raise NonFiniteError(message)
+
+
+@torch.no_grad()
+def _non_finite_summary(x: torch.Tensor) -> torch.Tensor:
+    """(11,) int64 on x's device, no host sync: the NaN/inf count, the bad samples' count and the
+    first 9 bad samples (9: enough to tell "more than 8"; padded with the batch size)."""
+    bad = ~torch.isfinite(x.detach())
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1)
+    order = torch.arange(rows.shape[0], device=x.device)
+    first = torch.sort(torch.where(rows, order, torch.full_like(order, rows.shape[0]))).values[:9]
+    first = torch.cat([first, first.new_full((9 - first.shape[0],), rows.shape[0])])
+    return torch.cat([bad.sum().view(1), rows.sum().view(1), first])
+
+
+def _summary_message(name: str, numel: int, summary) -> str:
+    """:func:`require_finite`'s message from a :func:`_non_finite_summary` read on the host; ""
+    when all values were finite."""
+    count, rows, first = int(summary[0]), int(summary[1]), [int(v) for v in summary[2:]]
+    return _non_finite_message(name, count, numel, first[:min(rows, 9)]) if count else ""
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_batch(embeddings, labels, embedding_size: Optional[int] = None) -> torch.Tensor:
+    """The flat (B,) labels of a batch, after a ValueError naming the argument and its bad type,
+    shape or dtype: embeddings not (B, D) (D = ``embedding_size`` when given), labels not an
+    integer tensor of shape (B,) or (B, 1). Reads only shapes and dtypes: no host sync."""
+    want = "D" if embedding_size is None else str(embedding_size)
+    if not isinstance(embeddings, torch.Tensor):
+        raise ValueError(f"embeddings must be a (B, {want}) tensor, got a {type(embeddings).__name__}")
+    if embeddings.dim() != 2 or (embedding_size is not None and embeddings.shape[1] != embedding_size):
+        size = "" if embedding_size is None else f" (embedding_size={embedding_size})"
+        raise ValueError(f"embeddings must be (B, {want}){size}, got shape {tuple(embeddings.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a tensor of class indices, got a {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if not (labels.dim() == 1 or (labels.dim() == 2 and labels.shape[1] == 1)):
+        raise ValueError(f"labels must be (B,) or (B, 1), got shape {tuple(labels.shape)}")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must hold one class per embedding ({embeddings.shape[0]}), got {labels.shape[0]}")
+    return labels.reshape(-1)
 
 
 def check_triplets(indices_tuple, batch_size: int, device: Optional[torch.device] = None) -> Triplets:
@@ -118,7 +212,7 @@ def mine_triplets(
     Raises:
         NonFiniteError: the embeddings hold NaN or inf.
     """
-    if mode not in TRIPLET_MODES:
+    if mode not in TRIPLET_MODES:  # before the finite check's host sync
         raise ValueError(f"triplet mode must be one of {TRIPLET_MODES}, got {mode!r}")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
@@ -128,17 +222,48 @@ def mine_triplets(
     require_finite("embeddings", embeddings)
 
     x = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
-    S = x @ x.t()
-    positive, negative, select = hardest_pairs(S, labels)
-    anchors = torch.arange(S.shape[0], device=S.device)
+    positive, negative, select = select_triplets(x @ x.t(), labels, mode, margin, logits, misclassified)
+    idx = torch.nonzero(select, as_tuple=False).view(-1)
+    return idx, positive[idx], negative[idx]
 
+
+@torch.no_grad()
+def select_triplets(
+    similarity: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "hard",
+    margin: float = 0.1,
+    logits: Optional[torch.Tensor] = None,
+    misclassified: Optional[torch.Tensor] = None,
+) -> Triplets:
+    """The hardness rule: every anchor's hardest positive and negative on a (B, B) similarity
+    matrix and the (B,) mask of the anchors ``mode`` selects (see :func:`mine_triplets`). Fixed
+    shapes, no host sync: the OT term's fixed-shape path masks with it, :func:`mine_triplets`
+    keeps the selected anchors."""
+    if mode not in TRIPLET_MODES:
+        raise ValueError(f"triplet mode must be one of {TRIPLET_MODES}, got {mode!r}")
+    positive, negative, select = hardest_pairs(similarity, labels)
+    anchors = torch.arange(similarity.shape[0], device=similarity.device)
+    S = similarity.float()
     if mode == "hard":
         select = select & (S[anchors, negative] + margin > S[anchors, positive])
     elif mode == "misclassified":
         select = select & misclassified_mask(labels, logits, misclassified)
+    return positive, negative, select
 
-    idx = torch.nonzero(select, as_tuple=False).view(-1)
-    return idx, positive[idx], negative[idx]
+
+@torch.no_grad()
+def most_violating(embeddings: torch.Tensor, triplets: Triplets, k: int,
+                   select: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Positions of the ``k`` triplets with the largest ``S(a, n) - S(a, p)`` (cosines of the
+    embeddings), those ``select`` masks in ranked before all others: the ``max_triplets`` cap, a
+    memory bound for huge batches. Needs ``k <= len(triplets)``; no host sync."""
+    a, p, n = triplets
+    x = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
+    violation = (x[a] * x[n]).sum(1) - (x[a] * x[p]).sum(1)
+    if select is not None:
+        violation = torch.where(select, violation, torch.full_like(violation, -math.inf))
+    return violation.topk(k).indices
 
 
 def misclassified_mask(

@@ -112,7 +112,13 @@ def build_loss(name: str, **options):
 
 
 def check_options(what: str, factory: Callable, options: dict) -> None:
-    """TypeError naming the options ``factory``'s signature does not accept (``what`` names it)."""
+    """TypeError naming the options ``factory`` does not accept (``what`` names it): those of its
+    signature, or of its ``accepted_options()`` when it declares them (a factory taking ``**options``
+    that it hands on, such as a head's standalone loss)."""
+    declared = getattr(factory, "accepted_options", None)
+    if callable(declared) and not inspect.isclass(factory):
+        refuse_unknown(what, options, list(declared()))
+        return
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         params = inspect.signature(target).parameters
@@ -124,6 +130,11 @@ def check_options(what: str, factory: Callable, options: dict) -> None:
         n for n, p in params.items()
         if n != "self" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
+    refuse_unknown(what, options, accepted)
+
+
+def refuse_unknown(what: str, options: dict, accepted: List[str]) -> None:
+    """TypeError naming the ``options`` not in ``accepted``, and listing those (``what`` names the callee)."""
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"unknown option(s) for {what}: {', '.join(unknown)}; "

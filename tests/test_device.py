@@ -68,7 +68,7 @@ def test_otface_loss_under_autocast_equals_float32(device, half):
     emb, feats, labels = conv_batch(device)
     torch.manual_seed(0)
     loss_fn = OTFaceLoss(num_classes=4, embedding_size=24, lambda_ot=1.0, eps=0.05, iters=30,
-                         triplet_mode="all", ot_form="softplus").to(device)
+                         term_options=dict(triplet_mode="all", ot_form="softplus")).to(device)
     ref = loss_fn(emb, labels, features=feats)
     ref_ot = loss_fn.components()["ot"]
     # a mixed-precision backbone hands over half-precision outputs; the loss runs under autocast
@@ -110,7 +110,7 @@ def test_fixed_shape_term_equals_eager_term(device, ot_compile, max_triplets):
         f = feats.clone().requires_grad_()
         value = term(emb, labels, features=f)
         value.backward()
-        values.append((float(value), float(term.last["triplets"]), float(term.last["w_ap"])))
+        values.append((float(value), term.components()["triplets"], term.components()["w_ap"]))
         grads.append(f.grad)
     assert values[0][1] > 0
     np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7)
@@ -124,7 +124,7 @@ def test_fixed_shape_term_without_triplets_is_zero(device):
     f = feats.clone().requires_grad_()
     value = term(emb, labels, features=f)
     value.backward()
-    assert float(value) == 0.0 and float(term.last["triplets"]) == 0.0
+    assert float(value) == 0.0 and term.components()["triplets"] == 0.0
     assert torch.isfinite(f.grad).all()
 
 
@@ -189,7 +189,7 @@ def test_fixed_shape_embedding_mode_equals_eager(device):
         e = emb.clone().requires_grad_()
         value = term(e, labels)
         value.backward()
-        values.append((float(value), float(term.last["triplets"]), float(term.last["w_an"])))
+        values.append((float(value), term.components()["triplets"], term.components()["w_an"]))
         grads.append(e.grad)
     assert 0 < values[0][1] < 16
     np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7)

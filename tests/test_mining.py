@@ -74,7 +74,7 @@ def test_runs_without_grad_and_rejects_bad_input():
 
 
 def test_ignored_label_is_never_anchor_positive_or_negative():
-    # issue 9 case 3: -1 ("no identity here") samples were each other's positives
+    # -1 ("no identity here") samples were once each other's positives
     torch.manual_seed(1)
     emb = torch.randn(10, 8)
     labels = torch.tensor([-1, -1, -1, 0, 0, 1, 1, -1, 2, 2])
@@ -111,3 +111,19 @@ def test_non_finite_embeddings_are_an_error(bad):
     emb[5, 2] = bad
     with pytest.raises(NonFiniteError, match=r"embeddings hold 1 NaN/inf values of 32 \(batch samples \[5\]\)"):
         mine_triplets(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+
+
+@pytest.mark.parametrize("bad_rows", [[], [3], [0, 5, 9], list(range(2, 14))])
+def test_sync_free_finite_summary_gives_require_finites_message(bad_rows):
+    from otface_plugin.mining import NonFiniteError, _non_finite_summary, _summary_message, require_finite
+
+    x = torch.randn(16, 3, 2)
+    for i, row in enumerate(bad_rows):
+        x[row].view(-1)[i % 6] = float("nan") if i % 2 else float("inf")
+    got = _summary_message("conv features", x.numel(), _non_finite_summary(x).tolist())
+    if not bad_rows:
+        assert got == ""
+        return
+    with pytest.raises(NonFiniteError) as err:
+        require_finite("conv features", x)
+    assert got == str(err.value)

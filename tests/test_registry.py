@@ -7,13 +7,19 @@ import torch
 
 import otface_plugin.registry as registry
 from otface_plugin import available_losses, build_loss, register_loss
-from otface_plugin.losses import ArcFaceLoss, CosFaceLoss, OTFaceLoss
+from otface_plugin.losses import ArcFaceMargin, CosFaceMargin, MarginSoftmaxLoss, OTFaceLoss
 
 
 def test_builtins_registered():
     assert {"arcface", "cosface", "combined", "otface"} <= set(available_losses())
-    assert isinstance(build_loss("arcface", num_classes=5, embedding_size=8), ArcFaceLoss)
-    assert isinstance(build_loss("CosFace", num_classes=5, embedding_size=8), CosFaceLoss)  # case-insensitive
+    arc = build_loss("arcface", num_classes=5, embedding_size=8, margin=0.3)
+    assert isinstance(arc, MarginSoftmaxLoss) and isinstance(arc.margin, ArcFaceMargin) and arc.margin.m2 == 0.3
+    cos = build_loss("CosFace", num_classes=5, embedding_size=8)  # case-insensitive
+    assert isinstance(cos.margin, CosFaceMargin) and cos.margin.m3 == 0.4
+    assert set(arc.state_dict()) == {"weight"}  # the checkpoint key of the combined margin's loss
+    with pytest.raises(TypeError, match="unknown option.*'cosface': grad; accepted options: num_classes, "
+                                        "embedding_size, s, margin, interclass_filtering_threshold"):
+        build_loss("cosface", num_classes=5, grad="exact")
     loss = build_loss("otface", num_classes=5, embedding_size=8, lambda_ot=0.3, eps=0.1)
     assert isinstance(loss, OTFaceLoss) and loss.lambda_ot == 0.3 and loss.ot_term.eps == 0.1
 

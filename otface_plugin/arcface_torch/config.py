@@ -199,9 +199,10 @@ def _check_otface_values(options: Mapping[str, Any], where: str) -> None:
 
 
 def _heads() -> Mapping[str, Any]:
-    from otface_plugin.registry import entries
+    """The heads train_v2.py installs into PartialFC_V2 (not the combined margin: it keeps its own)."""
+    from otface_plugin.losses.head import plugin_heads
 
-    return entries("head")
+    return plugin_heads()
 
 
 def head_of(cfg: Any) -> Optional[str]:

@@ -1,7 +1,8 @@
 """The keys a recipe job config may set, their types and defaults: what the config check reads.
 
 Defaults and choices are read from the code that owns them, never restated here: the OTFace
-options from ``OTFaceLoss``'s signature, the sampler names, K and the hard-sampler options from
+options from where ``OTFaceLoss``, ``OTFaceTerm`` and the probe declare them (``otface_options``),
+the sampler names, K and the hard-sampler options from
 ``data/sampler.py``. This module only declares; ``config.py`` loads and checks.
 
 Keys the plugin adds (python and YAML configs alike):
@@ -128,11 +129,11 @@ RECIPE_UNSUPPORTED = {
 
 
 def otface_loss_options() -> Dict[str, inspect.Parameter]:
-    """OTFaceLoss's keyword options a config may set (the recipe supplies the rest)."""
-    from otface_plugin.losses import OTFaceLoss
+    """The OTFace options a config may set (the recipe supplies the rest): the flat form's, as
+    OTFaceLoss, OTFaceTerm and the gradient-share probe declare them."""
+    from otface_plugin.losses.otface import otface_options
 
-    params = inspect.signature(OTFaceLoss.__init__).parameters
-    return {n: p for n, p in params.items() if n != "self" and n not in FROM_RECIPE}
+    return {n: p for n, p in otface_options().items() if n not in FROM_RECIPE}
 
 
 def option_type(default: Any):

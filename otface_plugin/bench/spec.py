@@ -2,19 +2,18 @@
 (loss, seed, ablation variant, sampler). Both routes train from these; the run key hashes them."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
 from otface_plugin.data.sampler import DEFAULT_NUM_INSTANCES
-from otface_plugin.losses.head import HEADS
-from otface_plugin.losses.otface import OTFaceLoss
+from otface_plugin.losses.head import plugin_heads
+from otface_plugin.losses.otface import otface_options
 
 __all__ = ["LOSSES", "LOSS_CHOICES", "TrainConfig", "OTFACE_DEFAULTS", "RunSpec"]
 
 LOSSES = ("arcface", "cosface", "otface")  # the default study
-# every loss a study may name: the default ones and the registered margin heads (adaface, ...)
-LOSS_CHOICES = LOSSES + tuple(sorted(HEADS))
+# every loss a study may name: the default ones and the margin heads the plugin adds (adaface, ...)
+LOSS_CHOICES = LOSSES + tuple(sorted(plugin_heads()))
 
 
 @dataclass
@@ -39,11 +38,10 @@ class TrainConfig:
         return self.P * self.K
 
 
-# OTFace options of the study: OTFaceLoss's own defaults, read from its signature (warm-up is set
+# OTFace options of the study: their own defaults, read where they are declared (warm-up is set
 # in steps of the study's budget). These values go into the run keys.
 OTFACE_OPTIONS = ("lambda_ot", "eps", "feature", "triplet_mode")
-OTFACE_DEFAULTS: Dict[str, Any] = {name: inspect.signature(OTFaceLoss).parameters[name].default
-                                   for name in OTFACE_OPTIONS}
+OTFACE_DEFAULTS: Dict[str, Any] = {name: otface_options()[name].default for name in OTFACE_OPTIONS}
 
 
 @dataclass

@@ -49,7 +49,8 @@ class AdaFaceMargin(MarginHead):
         labels, rows, cols = self.targets(labels)
         norms = self.check_norms(cosine.shape[0]).clamp(0.001, 100)
         with torch.no_grad():
-            if self.training:
+            # the unbiased std of fewer than 2 norms is NaN, and would stay in the buffers for good
+            if self.training and norms.numel() >= 2:
                 self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * norms.mean())
                 self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * norms.std())
             scaler = ((norms - self.batch_mean) / (self.batch_std + EPS) * self.h).clamp(-1, 1)

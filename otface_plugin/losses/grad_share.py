@@ -16,7 +16,7 @@ lambda without a host sync.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import distributed
@@ -29,11 +29,37 @@ STATS = ("ot_norm", "margin_norm", "dot", "lambda")
 
 class GradShareProbe:
     """Splits the gradient at ``F`` into its OT part and the rest, into ``stats`` (a (4,) float
-    buffer, layout :data:`STATS`), during the backward of the step that called :meth:`attach`."""
+    buffer, layout :data:`STATS`, that the owning loss binds), during the backward of the step
+    that called :meth:`attach`; and steers ``lambda_ot="auto"`` from those statistics.
 
-    def __init__(self, stats: torch.Tensor) -> None:
-        self.stats = stats
+    Its options are the OTFace loss's ``probe_options``: ``measure_grad_share`` (False: no hooks,
+    the share is NaN; ``lambda_ot="auto"`` needs it), ``lambda_range`` (the adaptive lambda's
+    bounds) and ``lambda_rate`` (the fraction of the way, in log space, it moves each step).
+    """
+
+    def __init__(self, measure_grad_share: bool = True, lambda_range: Tuple[float, float] = (0.01, 1000.0),
+                 lambda_rate: float = 0.05) -> None:
+        if not isinstance(measure_grad_share, bool):
+            raise ValueError(f"OTFace option measure_grad_share must be true or false, got {measure_grad_share!r}")
+        if isinstance(lambda_rate, bool) or not isinstance(lambda_rate, (int, float)) \
+                or not (0 < lambda_rate <= 1):
+            raise ValueError(f"OTFace option lambda_rate must be in (0, 1], got {lambda_rate!r}")
+        if not (isinstance(lambda_range, (tuple, list)) and len(lambda_range) == 2):
+            raise ValueError(f"OTFace option lambda_range must be a pair (low, high), got {lambda_range!r}")
+        for v in lambda_range:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"OTFace option lambda_range must be > 0, got {lambda_range!r}")
+        if lambda_range[0] > lambda_range[1]:
+            raise ValueError(f"OTFace option lambda_range must have low <= high, got {lambda_range!r}")
+        self.measure_grad_share = measure_grad_share
+        self.lambda_range = (float(lambda_range[0]), float(lambda_range[1]))
+        self.lambda_rate = float(lambda_rate)
+        self.stats: Optional[torch.Tensor] = None
         self._ot_grad = None
+
+    def adapt(self, lam: torch.Tensor, target: float) -> None:
+        """Move the adaptive ``lam`` (in place) towards ``target`` share, from the last step's stats."""
+        adapt_lambda(lam, self.stats, target, self.lambda_rate, self.lambda_range)
 
     def attach(self, features: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The tensor the OT term should read instead of ``features`` (a view, same values).

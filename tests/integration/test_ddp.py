@@ -26,7 +26,7 @@ def _worker(rank, world, port, out):
     g = torch.Generator().manual_seed(100 + rank)
     images = torch.randn(8, 3, 16, 16, generator=g)
     labels = torch.arange(4 * rank, 4 * rank + 4).repeat_interleave(2)
-    loss_fn = OTFaceLoss(num_classes=8, embedding_size=16, triplet_mode="all", lambda_ot=1.0, s=8.0)
+    loss_fn = OTFaceLoss(num_classes=8, embedding_size=16, lambda_ot=1.0, s=8.0, term_options=dict(triplet_mode="all"))
     loss_local = copy.deepcopy(loss_fn)
 
     loss = loss_fn(ddp(images), labels, features=cap_ddp.pop())

@@ -121,7 +121,7 @@ def test_vit_with_gradient_checkpointing(tmp_path, recipe_backbones):
     embeddings = net(torch.randn(8, 3, 112, 112))
     features = head.capture.pop()
     ot = head.loss.ot_term(embeddings, BATCH_LABELS, features)
-    assert head.loss.ot_term.last["triplets"] > 0
+    assert head.loss.ot_term.components()["triplets"] > 0
     ot.backward()
     for block in (net.blocks[0], net.blocks[-1]):
         g = block.mlp.fc1.weight.grad
@@ -198,7 +198,7 @@ def test_ot_term_on_half_precision_descriptor_sets(shape, dtype):
     """(B, C, H, W) maps and (B, L, D) token sets in fp16/bf16 under CPU autocast: the OT term
     runs in float32, is finite and sends a finite gradient of the features' dtype back."""
     torch.manual_seed(0)
-    loss_fn = OTFaceLoss(num_classes=2, embedding_size=16, triplet_mode="all", lambda_ot=1.0)
+    loss_fn = OTFaceLoss(num_classes=2, embedding_size=16, lambda_ot=1.0, term_options=dict(triplet_mode="all"))
     feats = torch.randn(*shape).to(dtype).requires_grad_()
     emb = torch.randn(8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,7 +213,7 @@ def test_ot_term_on_half_precision_descriptor_sets(shape, dtype):
 def test_token_sets_equal_the_same_descriptors_as_a_map():
     """A (B, C, H, W) map and its (B, H*W, C) token view are the same distributions."""
     torch.manual_seed(1)
-    term = OTFaceLoss(num_classes=2, embedding_size=16, triplet_mode="all").ot_term
+    term = OTFaceLoss(num_classes=2, embedding_size=16, term_options=dict(triplet_mode="all")).ot_term
     fmap, emb = torch.randn(8, 16, 3, 3), torch.randn(8, 16)
     tokens = fmap.flatten(2).transpose(1, 2)
     assert torch.allclose(term(emb, BATCH_LABELS, fmap), term(emb, BATCH_LABELS, tokens))

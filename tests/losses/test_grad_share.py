@@ -1,4 +1,4 @@
-"""The OT term's share of the gradient at the features it reads, and lambda_ot="auto" (issue 20).
+"""The OT term's share of the gradient at the features it reads, and lambda_ot="auto".
 
 The probe's numbers are checked against autograd.grad of each part separately; the adaptive
 lambda must reach its target share on a toy problem, stay identical on 2 gloo ranks, and continue
@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from helpers import TinyBackbone
 from otface_plugin.features import FeatureCapture
+from otface_plugin import build_loss
 from otface_plugin.losses import OTFaceLoss
 from otface_plugin.losses.grad_share import share_and_cosine
 
@@ -29,7 +30,8 @@ def batch(step: int, rank: int = 0, classes: int = 4, k: int = 4):
 def make(lam, feature="conv", **options):
     torch.manual_seed(0)
     net = TinyBackbone(dim=16, widths=(8, 16))
-    loss_fn = OTFaceLoss(num_classes=8, embedding_size=16, s=16.0, triplet_mode="all", lambda_ot=lam,
+    # the flat form (a config's otface: block): the probe's and the term's options beside the loss's
+    loss_fn = build_loss("otface", num_classes=8, embedding_size=16, s=16.0, triplet_mode="all", lambda_ot=lam,
                          feature=feature, **options)
     return net, loss_fn
 
@@ -163,7 +165,7 @@ def test_eval_and_no_grad_forwards_leave_the_lambda_alone():
 ])
 def test_bad_adaptive_options_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
-        OTFaceLoss(num_classes=4, embedding_size=8, **options)
+        build_loss("otface", num_classes=4, embedding_size=8, **options)
 
 
 def _rank_worker(rank, world, port, out):
@@ -172,8 +174,8 @@ def _rank_worker(rank, world, port, out):
     torch.manual_seed(0)
     net = TinyBackbone(dim=16, widths=(8, 16))
     ddp = torch.nn.parallel.DistributedDataParallel(net)
-    loss_fn = OTFaceLoss(num_classes=8, embedding_size=16, s=16.0, triplet_mode="all", lambda_ot="auto",
-                         grad_share=0.3, lambda_rate=0.2)
+    loss_fn = OTFaceLoss(num_classes=8, embedding_size=16, s=16.0, lambda_ot="auto", grad_share=0.3,
+                         term_options=dict(triplet_mode="all"), probe_options=dict(lambda_rate=0.2))
     capture = FeatureCapture(ddp, "layer4")
     opt = torch.optim.SGD([*ddp.parameters(), *loss_fn.parameters()], lr=0.05)
     lambdas, shares = [], []

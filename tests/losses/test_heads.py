@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from otface_plugin import build_loss
-from otface_plugin.losses import HEADS, build_margin, heads_table
+from otface_plugin.losses import HEADS, build_margin, heads_table, plugin_heads
 
 C, D, B = 12, 16, 24
 
@@ -205,6 +205,44 @@ def test_running_state_round_trips_through_the_state_dict(name):
     torch.testing.assert_close(la, lb)
 
 
+def test_combined_margin_is_a_head_the_recipe_computes_itself():
+    assert {"arcface", "cosface", "combined"} <= set(HEADS)
+    assert not {"arcface", "cosface", "combined"} & set(plugin_heads())
+    assert {"adaface", "curricularface"} <= set(plugin_heads())
+
+
+def _no_target_batches():
+    x, y = batch(0)
+    return {"all ignored": (x, torch.full_like(y, -1)), "empty": (x[:0], y[:0])}
+
+
+@pytest.mark.parametrize("case", ["all ignored", "empty"])
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_batch_without_labels_gives_zero_and_finite_gradients(name, case):
+    x, y = _no_target_batches()[case]
+    x = x.clone().requires_grad_()
+    loss = build_loss(name, num_classes=C, embedding_size=D)
+    value = loss(x, y)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(loss.weight.grad).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(b).all() for b in loss.buffers())  # running statistics not poisoned
+
+
+@pytest.mark.parametrize("case", ["all ignored", "empty"])
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_otface_with_any_head_gives_zero_on_a_batch_without_labels(name, case):
+    from otface_plugin.losses import OTFaceLoss
+
+    x, y = _no_target_batches()[case]
+    x = x.clone().requires_grad_()
+    loss = OTFaceLoss(num_classes=C, embedding_size=D, margin=name, feature="embedding", lambda_ot=1.0)
+    value = loss(x, y)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(loss.head.weight.grad).all() and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_labels_minus_one_are_ignored(name):
     x, y = batch(0)
@@ -362,7 +400,7 @@ class _FakePFC(torch.nn.Module):
         return F.cross_entropy(self.margin_softmax(cosine, local_labels.view(-1, 1)), local_labels)
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", sorted(plugin_heads()))
 def test_loss_head_installs_the_margin_into_partial_fc(name):
     from otface_plugin.arcface_torch import build_head, prepare_config
 
@@ -418,7 +456,8 @@ def test_head_config_errors_name_the_key(keys, match):
 def test_standalone_otface_loss_takes_a_head_as_its_margin():
     from otface_plugin.losses import OTFaceLoss
 
-    loss = OTFaceLoss(num_classes=C, embedding_size=D, margin="adaface", feature="embedding", triplet_mode="all")
+    loss = OTFaceLoss(num_classes=C, embedding_size=D, margin="adaface", feature="embedding",
+                      term_options=dict(triplet_mode="all"))
     assert isinstance(loss.margin_loss.margin, HEADS["adaface"])
     x, y = batch(0)
     assert torch.isfinite(loss(x.requires_grad_(), y))

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 import torch.nn.functional as F
 
 from otface_plugin.features import FeatureCapture
@@ -87,7 +88,7 @@ def test_otface_loss_finite_and_gradients_reach_conv_features():
     torch.manual_seed(0)
     net = TinyBackbone()
     capture = FeatureCapture(net, "layer4")
-    loss_fn = OTFaceLoss(num_classes=4, embedding_size=32, lambda_ot=1.0, triplet_mode="all")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=32, lambda_ot=1.0, term_options=dict(triplet_mode="all"))
     images, labels = pk_batch()
     emb = net(images)
     conv = capture.pop()
@@ -132,18 +133,18 @@ def test_no_triplets_gives_zero_not_nan():
 
 
 def test_ignored_labels_take_no_part_in_the_ot_term():
-    # issue 9 case 3: -1 samples were mined as each other's positives; a batch of only -1 was NaN
+    # -1 samples were once mined as each other's positives; a batch of only -1 was NaN
     torch.manual_seed(3)
     emb, feats = torch.randn(8, 16), torch.randn(8, 4, 2, 2)
     labels = torch.tensor([0, 0, 1, 1, -1, -1, -1, -1])
     term = OTFaceTerm(triplet_mode="all", ot_margin=0.5)
     value = term(emb, labels, feats)
-    assert term.last["triplets"] == 4
+    assert term.components()["triplets"] == 4
     # the -1 samples' features do not matter: change them, same value
     feats2 = feats.clone()
     feats2[4:] = torch.randn(4, 4, 2, 2)
     torch.testing.assert_close(term(emb, labels, feats2), value)
-    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, lambda_ot=1.0, triplet_mode="all")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, lambda_ot=1.0, term_options=dict(triplet_mode="all"))
     emb = torch.randn(8, 16, requires_grad=True)
     loss = loss_fn(emb, torch.full((8,), -1), features=feats)
     loss.backward()
@@ -152,7 +153,7 @@ def test_ignored_labels_take_no_part_in_the_ot_term():
 
 
 def test_empty_batch_gives_zero():
-    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, triplet_mode="all")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, term_options=dict(triplet_mode="all"))
     emb = torch.zeros(0, 16, requires_grad=True)
     loss = loss_fn(emb, torch.zeros(0, dtype=torch.long), features=torch.zeros(0, 4, 2, 2))
     loss.backward()
@@ -170,8 +171,25 @@ def test_non_finite_inputs_are_a_clear_error(where):
         loss_fn(emb, torch.arange(4).repeat_interleave(2), features=feats)
 
 
+@pytest.mark.parametrize("ot_compile", ["none", "cudagraph", "compile"])
+@pytest.mark.parametrize("where, feature", [("embeddings", "conv"), ("conv features", "conv"),
+                                            ("embeddings", "embedding")])
+def test_non_finite_inputs_raise_the_same_error_on_every_path(where, feature, ot_compile):
+    from otface_plugin.mining import NonFiniteError
+
+    emb, feats = torch.randn(8, 16), torch.randn(8, 4, 2, 2)
+    bad = emb if where == "embeddings" else feats
+    bad[6].view(-1)[0] = float("nan")
+    bad[2].view(-1)[1] = float("inf")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature=feature, term_options=dict(ot_compile=ot_compile))
+    with pytest.raises(NonFiniteError) as err:
+        loss_fn(emb, torch.arange(4).repeat_interleave(2), features=feats if feature == "conv" else None)
+    assert str(err.value).startswith(f"{where} hold 2 NaN/inf values of {bad.numel()} (batch samples [2, 6])")
+
+
 def test_embedding_feature_mode():
-    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding", triplet_mode="all", lambda_ot=1.0)
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding", lambda_ot=1.0,
+                         term_options=dict(triplet_mode="all"))
     emb = torch.randn(16, 16, requires_grad=True)
     loss = loss_fn(emb, torch.arange(4).repeat_interleave(4))
     loss.backward()
@@ -180,11 +198,13 @@ def test_embedding_feature_mode():
 
 def test_misclassified_mode_uses_own_head_logits():
     torch.manual_seed(2)
-    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, triplet_mode="misclassified", feature="embedding")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding",
+                         term_options=dict(triplet_mode="misclassified"))
     emb = torch.randn(16, 16)
     labels = torch.arange(4).repeat_interleave(4)
     loss_fn(emb, labels)
-    wrong = (loss_fn.margin_loss.last_cosine.argmax(1) != labels).sum().item()
+    cosine = F.linear(F.normalize(emb), F.normalize(loss_fn.margin_loss.weight.detach()))
+    wrong = (cosine.argmax(1) != labels).sum().item()
     assert loss_fn.components()["triplets"] == wrong > 0
 
 
@@ -233,8 +253,10 @@ def test_external_margin_loss_is_used():
     ],
 )
 def test_bad_options_are_named(kwargs, message):
+    from otface_plugin import build_loss
+
     with pytest.raises(ValueError, match=message):
-        OTFaceLoss(num_classes=4, embedding_size=8, **kwargs)
+        build_loss("otface", num_classes=4, embedding_size=8, **kwargs)
 
 
 def test_conv_mode_without_features_is_a_clear_error():
@@ -281,7 +303,7 @@ def test_margin_triple_is_one_rule_for_loss_and_config():
 def test_components_log_line_round_trip():
     from otface_plugin.losses.components import COMPONENTS, PARTS, format_components, parse_components
 
-    loss_fn = OTFaceLoss(num_classes=4, embedding_size=8, feature="embedding", triplet_mode="all")
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=8, feature="embedding", term_options=dict(triplet_mode="all"))
     torch.manual_seed(0)
     emb = torch.randn(8, 8, requires_grad=True)
     loss_fn(emb, torch.arange(4).repeat(2)).backward()
@@ -339,10 +361,10 @@ def test_indices_tuple_replaces_mining(feature, ot_compile):
     features = maps if feature == "conv" else None
     own = term(emb, labels, features)
     given = term(emb, labels, features, indices_tuple=mined)
-    assert torch.allclose(given, own, atol=1e-6) and term.last["triplets"] == mined[0].numel()
+    assert torch.allclose(given, own, atol=1e-6) and term.components()["triplets"] == mined[0].numel()
     a, p, n = mined
     other = term(emb, labels, features, indices_tuple=(a[:5], p[:5], n[:5]))
-    assert term.last["triplets"] == 5 and not torch.allclose(other, own)
+    assert term.components()["triplets"] == 5 and not torch.allclose(other, own)
     assert float(term(emb, labels, features, indices_tuple=(a[:0], p[:0], n[:0]))) == 0.0
 
 
@@ -373,30 +395,63 @@ def test_indices_tuple_bad_input_is_a_clear_error(bad, message):
         OTFaceLoss(num_classes=6, embedding_size=16)(emb, labels, features=maps, indices_tuple=bad)
 
 
-def test_margin_softmax_loss_defaults_are_margin_logits_defaults():
+def test_combined_margin_defaults_are_margin_logits_defaults():
     import inspect
 
-    from otface_plugin.losses.margin import MarginSoftmaxLoss
+    from otface_plugin.losses.margin import CombinedMargin
 
     def options(fn, skip):
         return [(n, p.default) for n, p in inspect.signature(fn).parameters.items() if n not in skip]
 
     assert options(margin_logits, ("cosine", "labels")) == options(
-        MarginSoftmaxLoss.__init__, ("self", "num_classes", "embedding_size"))
+        CombinedMargin.__init__, ("self",))
 
 
-def test_term_options_are_declared_once_by_the_term():
+def test_otface_loss_takes_the_tuned_options_and_passes_the_knobs_through():
     import inspect
 
     from otface_plugin import build_loss
     from otface_plugin.arcface_torch.config import otface_loss_options
+    from otface_plugin.losses.otface import PROBE_OPTIONS, TERM_OPTIONS, otface_options
 
-    term = {n: p for n, p in inspect.signature(OTFaceTerm.__init__).parameters.items() if n != "self"}
     loss = inspect.signature(OTFaceLoss.__init__).parameters
-    for name, p in term.items():
-        assert loss[name].default == p.default and loss[name].kind is inspect.Parameter.KEYWORD_ONLY
-    assert set(term) <= set(otface_loss_options()) and not {"head", "margin_loss"} & set(otface_loss_options())
+    own = [n for n in loss if n not in ("self", "head", "term_options", "probe_options")]
+    assert own == ["num_classes", "embedding_size", "margin", "s", "lambda_ot", "warmup_steps", "grad_share", "eps",
+                   "iters", "triplet_margin", "ot_margin", "feature"]
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in loss.values())
+    assert "__signature__" not in vars(OTFaceLoss.__init__)
+    term = inspect.signature(OTFaceTerm.__init__).parameters
+    for name in set(own) & set(term):  # the options the loss hands to its term: one default
+        assert loss[name].default == term[name].default, name
+    assert TERM_OPTIONS == ("triplet_mode", "ot_form", "grad", "eps_start", "max_triplets", "ot_compile")
+    assert PROBE_OPTIONS == ("measure_grad_share", "lambda_range", "lambda_rate")
+    # the YAML otface: block keeps every key it accepted before the options moved
+    assert set(otface_loss_options()) == {
+        "margin", "s", "lambda_ot", "warmup_steps", "grad_share", "lambda_range", "lambda_rate", "measure_grad_share",
+        "eps", "iters", "feature", "triplet_mode", "triplet_margin", "ot_margin", "ot_form", "grad", "eps_start",
+        "max_triplets", "ot_compile"}
+    assert set(otface_loss_options()) < set(otface_options())
     built = build_loss("otface", num_classes=4, embedding_size=8, eps=0.2, iters=7, feature="embedding",
-                       ot_margin=0.3, max_triplets=5)
+                       ot_margin=0.3, max_triplets=5, lambda_rate=0.5)
     t = built.ot_term
     assert (t.eps, t.iters, t.feature, t.ot_margin, t.max_triplets) == (0.2, 7, "embedding", 0.3, 5)
+    direct = OTFaceLoss(num_classes=4, embedding_size=8, eps=0.2, feature="embedding",
+                        term_options={"max_triplets": 5}, probe_options={"lambda_rate": 0.5})
+    assert direct.ot_term.max_triplets == 5 and direct.ot_term.eps == 0.2
+    with pytest.raises(TypeError, match="unknown option.*term_options: eps; accepted options: triplet_mode"):
+        OTFaceLoss(num_classes=4, term_options={"eps": 0.1})  # a tuned option goes to the loss itself
+    with pytest.raises(TypeError, match="unknown option.*'otface': lamda"):
+        build_loss("otface", num_classes=4, lamda=0.1)
+
+
+def test_components_is_the_one_report_of_the_last_step():
+    from otface_plugin.losses.components import COMPONENTS
+
+    loss_fn = OTFaceLoss(num_classes=4, embedding_size=16, feature="embedding", lambda_ot=1.0)
+    emb = torch.randn(8, 16, requires_grad=True)
+    loss_fn(emb, torch.arange(4).repeat_interleave(2)).backward()
+    c = loss_fn.components()
+    assert tuple(c) == COMPONENTS and all(isinstance(v, float) for v in c.values())
+    assert c["triplets"] == loss_fn.ot_term.components()["triplets"]
+    for old in ("last", "last_cosine"):
+        assert not hasattr(loss_fn, old) and not hasattr(loss_fn.ot_term, old) and not hasattr(loss_fn.head, old)
