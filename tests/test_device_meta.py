@@ -209,12 +209,13 @@ def batch(P=4, K=4, D=24, C=32, HW=5, seed=0):
 
 # where each path reads device values on the host, by design
 EAGER_MINING_READS = ["mining.py:mine_triplets", "mining.py:require_finite"]
-HEAD_READS = {"margin": ["losses/margin.py:margin_logits"], "head": ["losses/head.py:targets"]}
 HEADS = sorted(entries("head"))
+COMBINED_MARGINS = ("arcface", "cosface", "combined")  # margin_logits' -1 filter; the others: MarginHead.targets
+STANDALONE_READS = ["losses/head.py:check_label_range"]  # MarginSoftmaxLoss's class-range check
 
 
 def margin_reads(margin):
-    return HEAD_READS["head"] if margin in HEADS else HEAD_READS["margin"]
+    return ["losses/margin.py:margin_logits"] if margin in COMBINED_MARGINS else ["losses/head.py:targets"]
 
 
 def test_the_shadow_device_sees_what_cuda_would_refuse():
@@ -274,7 +275,7 @@ def test_ot_term_on_the_device(feature, ot_compile):
     assert dev.read_lines() == (EAGER_MINING_READS if ot_compile == "none" else [])
 
 
-@pytest.mark.parametrize("margin", ["arcface", "cosface", *HEADS])
+@pytest.mark.parametrize("margin", HEADS)
 @pytest.mark.parametrize("ot_compile", ["none", "cudagraph"])
 def test_otface_loss_step_with_every_margin_head(margin, ot_compile):
     """OTFaceLoss with each registered margin, the adaptive lambda and the gradient-share probe:
@@ -283,7 +284,7 @@ def test_otface_loss_step_with_every_margin_head(margin, ot_compile):
     emb, feats, labels = batch()
     torch.manual_seed(0)
     loss = to_device(OTFaceLoss(num_classes=4, embedding_size=24, margin=margin, lambda_ot="auto", eps=0.1,
-                                iters=10, ot_compile=ot_compile))
+                                iters=10, term_options={"ot_compile": ot_compile}))
     with ShadowDevice() as dev:
         for _ in range(2):
             f = to_device(feats.requires_grad_())
@@ -292,7 +293,7 @@ def test_otface_loss_step_with_every_margin_head(margin, ot_compile):
     assert isinstance(f.grad, Shadow) and torch.isfinite(values(f.grad)).all()
     assert isinstance(loss.grad_stats, Shadow) and isinstance(loss.lambda_auto, Shadow)
     assert torch.isfinite(values(loss.grad_stats)).all() and float(values(loss.step)) == 2
-    expected = margin_reads(margin) + (EAGER_MINING_READS if ot_compile == "none" else [])
+    expected = STANDALONE_READS + margin_reads(margin) + (EAGER_MINING_READS if ot_compile == "none" else [])
     assert dev.read_lines() == sorted(expected)
 
 
@@ -305,7 +306,7 @@ def test_standalone_head_loss_on_the_device(head):
     with ShadowDevice() as dev:
         loss(e, to_device(labels)).backward()
     assert isinstance(e.grad, Shadow) and torch.isfinite(values(e.grad)).all()
-    assert dev.read_lines() == HEAD_READS["head"]
+    assert dev.read_lines() == sorted(STANDALONE_READS + margin_reads(head))
 
 
 class PartialFCOnTwoRanks(torch.nn.Module):
@@ -335,7 +336,8 @@ def test_recipe_head_collectives_take_device_tensors(head, options, two_ranks):
     every collective's tensors on the device."""
     pfc = PartialFCOnTwoRanks()
     hooks.install_margin(pfc, build_margin(head, **options))
-    loss = to_device(OTFaceLoss(head=pfc, lambda_ot="auto", feature="embedding", ot_compile="cudagraph"))
+    loss = to_device(OTFaceLoss(head=pfc, lambda_ot="auto", feature="embedding",
+                                term_options={"ot_compile": "cudagraph"}))
     emb, _, labels = batch()
     with ShadowDevice() as dev:
         for _ in range(2):
@@ -350,7 +352,7 @@ def test_recipe_head_collectives_take_device_tensors(head, options, two_ranks):
         assert "broadcast" in names
     # ElasticFace+ sorts the drawn margins over the rows with a target: a boolean-mask read
     plus = ["losses/elasticface.py:margins"] if options.get("plus") else []
-    assert dev.read_lines() == sorted(HEAD_READS["head"] + plus)
+    assert dev.read_lines() == sorted(margin_reads(head) + plus)
 
 
 def test_hard_sampler_refresh_on_the_device(two_ranks):

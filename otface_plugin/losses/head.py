@@ -162,11 +162,7 @@ class MarginSoftmaxLoss(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         num_classes, embedding_size = self.weight.shape
         labels = check_batch(embeddings, labels, embedding_size).long()
-        if labels.numel():  # the class range (one host read; the -1 filter below reads anyway)
-            low, high = (int(v) for v in torch.aminmax(labels))
-            if high >= num_classes or low < IGNORE_LABEL:
-                raise ValueError(f"labels hold class {high if high >= num_classes else low}, outside 0 .. "
-                                 f"{num_classes - 1} (num_classes={num_classes}); -1 marks no label")
+        check_label_range(labels, num_classes)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.float()
             if self.margin.needs_norms:
@@ -180,6 +176,17 @@ class MarginSoftmaxLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         c, d = self.weight.shape
         return f"num_classes={c}, embedding_size={d}"
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels in ``-1 .. num_classes - 1``, else one ValueError line (one host read per step; the
+    margin's own ``-1`` filter reads anyway)."""
+    if labels.numel():
+        bounds = torch.aminmax(labels)
+        low, high = int(bounds.min), int(bounds.max)
+        if high >= num_classes or low < IGNORE_LABEL:
+            raise ValueError(f"labels hold class {high if high >= num_classes else low}, outside 0 .. "
+                             f"{num_classes - 1} (num_classes={num_classes}); -1 marks no label")
 
 
 def margin_head(margin: Any, s: Optional[float] = None, what: str = "margin") -> MarginHead:
