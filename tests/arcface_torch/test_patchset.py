@@ -76,3 +76,18 @@ def test_no_newline_at_end_of_file():
 def test_truncated_patch_is_an_error():
     with pytest.raises(PatchError):
         parse_patch("t.patch", PATCH[:-4])
+
+
+def test_recipe_without_the_plugin_refuses_every_plugin_key():
+    """train_v2.py falls back to upstream when the plugin cannot be imported; a config with any
+    plugin key must then stop, not train as if the key were absent. The patch cannot import the
+    key list, so its copy is checked against schema.PLUGIN_KEYS here."""
+    import ast
+    import re
+
+    from otface_plugin.arcface_torch.schema import PLUGIN_KEYS
+
+    text = (REPO / "patches" / "20-otface-hooks.patch").read_text()
+    line = re.search(r"^\+\s+elif any\(key in cfg for key in (\(.*?\))\):$", text, re.M)
+    assert line, "the fallback's plugin-key check is missing from patch 20"
+    assert set(ast.literal_eval(line.group(1))) == set(PLUGIN_KEYS)
