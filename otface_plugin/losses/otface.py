@@ -5,7 +5,7 @@ IEEE TMM 2022, arXiv:2203.14461. From the abstract: hard sample groups are found
 scheme in each mini-batch, optimal transport measures the distribution differences of their
 high-level convolutional features, and the OT term is added to a margin-based softmax. The
 concrete choices here (batch-hard mining, per-image descriptor distributions, cosine cost,
-entropic Sinkhorn, hinge on W(a,p) - W(a,n)) are this project's; see README "Method".
+entropic Sinkhorn, hinge on W(a,p) - W(a,n)) are this project's; see docs/loss.md, "Method".
 """
 from __future__ import annotations
 
