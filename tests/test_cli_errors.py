@@ -51,6 +51,7 @@ TOOLS = {
     "otface-data": "otface_plugin.data.cli",
     "otface-bench": "otface_plugin.bench",
     "otface-demo": "otface_plugin.demo",
+    "otface-ckpt": "otface_plugin.arcface_torch.checkpoint",
 }
 
 

@@ -505,6 +505,12 @@ def describe(ckpts: CheckpointSet) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from otface_plugin.cli_output import run_cli
+
+    return run_cli("otface-ckpt", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     import argparse
     import json
     import sys
