@@ -26,12 +26,11 @@ import contextlib
 import errno
 import json
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Sequence
 
 from otface_plugin.atomicfile import TEMP_SUFFIX, atomic_write, create_new, discard, temp_path
+from otface_plugin.interrupts import signals_deferred
 
 __all__ = ["atomic_outputs", "recover_outputs"]
 
@@ -117,21 +116,6 @@ def recover_outputs(finals: Sequence[os.PathLike]) -> None:
                 discard(f.parent / name)
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT/SIGTERM back (delivered on exit) so Ctrl-C cannot split a commit."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not \
-            threading.main_thread():
-        yield
-        return
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _commit(temps: Dict[Path, Path]) -> None:
     finals = list(temps)
     if len(finals) == 1:
@@ -141,7 +125,7 @@ def _commit(temps: Dict[Path, Path]) -> None:
     plan = [{"final": os.fspath(f),
              "backup": os.fspath(temp_path(f, _BACKUP)) if os.path.lexists(f) else None}
             for f in finals]
-    with _signals_held():
+    with signals_deferred():  # Ctrl-C cannot split a commit
         _write_journal(journal, plan)
         try:
             for item in plan:
