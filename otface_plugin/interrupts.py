@@ -37,7 +37,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def signals_deferred() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM wait; they are delivered when it ends.
 
-    For a short step that must finish once begun (the installer's writes): a signal then lands
+    For a short step that must finish once begun (the installer's writes, a data builder's commit): a signal then lands
     before or after it, never inside, so what the tool says about an interrupt is known to be
     true. SIGKILL still ends the process anywhere. Where signal masks do not exist (Windows) or
     off the main thread, the block runs unchanged."""

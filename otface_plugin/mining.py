@@ -253,13 +253,13 @@ def select_triplets(
 
 
 @torch.no_grad()
-def most_violating(embeddings: torch.Tensor, triplets: Triplets, k: int,
+def most_violating(x: torch.Tensor, triplets: Triplets, k: int,
                    select: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Positions of the ``k`` triplets with the largest ``S(a, n) - S(a, p)`` (cosines of the
-    embeddings), those ``select`` masks in ranked before all others: the ``max_triplets`` cap, a
-    memory bound for huge batches. Needs ``k <= len(triplets)``; no host sync."""
+    L2-normalised embeddings ``x``, as the miners have them), those ``select`` masks in ranked
+    before all others: the ``max_triplets`` cap, a memory bound for huge batches. Needs
+    ``k <= len(triplets)``; no host sync."""
     a, p, n = triplets
-    x = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
     violation = (x[a] * x[n]).sum(1) - (x[a] * x[p]).sum(1)
     if select is not None:
         violation = torch.where(select, violation, torch.full_like(violation, -math.inf))

@@ -282,26 +282,32 @@ def merge(ckpts: CheckpointSet) -> Dict[str, Any]:
 
 
 def split(merged: Dict[str, Any], world_size: int) -> List[Dict[str, Any]]:
-    """The checkpoint of each of ``world_size`` ranks: the class-sharded leaves cut by
+    """The checkpoint of each of ``world_size`` ranks (:func:`split_rank` for every rank)."""
+    _check_world_size(merged, world_size)
+    return [split_rank(merged, world_size, rank) for rank in range(world_size)]
+
+
+def split_rank(merged: Dict[str, Any], world_size: int, rank: int) -> Dict[str, Any]:
+    """Rank ``rank``'s checkpoint of ``world_size`` ranks: the class-sharded leaves cut by
     PartialFC_V2's layout for that many ranks; a saved rank's own differing values where it
     existed, rank 0's otherwise."""
+    _check_world_size(merged, world_size)
+    body = merged["checkpoint"]
+    start, n = shard_range(merged["num_classes"], world_size, rank)
+    values = {p: _get(body, p)[start:start + n].clone() for p in merged["sharded"]}
+    if 1 <= rank <= len(merged["rank_differences"]):
+        values.update(merged["rank_differences"][rank - 1])
+    ckpt = _replace(body, values)
+    ckpt[META_KEY] = {**merged["meta"], "ranks": world_size, "step_world_size": merged["step_world_size"]}
+    return ckpt
+
+
+def _check_world_size(merged: Dict[str, Any], world_size: int) -> None:
     if world_size < 1:
         raise CheckpointError(f"world size must be >= 1, got {world_size}")
-    num_classes = merged["num_classes"]
-    if world_size > num_classes:
-        raise CheckpointError(f"world size {world_size} is more than the {num_classes} classes: a rank would "
-                              "hold no class centre")
-    body = merged["checkpoint"]
-    out = []
-    for rank in range(world_size):
-        start, n = shard_range(num_classes, world_size, rank)
-        values = {p: _get(body, p)[start:start + n].clone() for p in merged["sharded"]}
-        if 1 <= rank <= len(merged["rank_differences"]):
-            values.update(merged["rank_differences"][rank - 1])
-        ckpt = _replace(body, values)
-        ckpt[META_KEY] = {**merged["meta"], "ranks": world_size, "step_world_size": merged["step_world_size"]}
-        out.append(ckpt)
-    return out
+    if world_size > merged["num_classes"]:
+        raise CheckpointError(f"world size {world_size} is more than the {merged['num_classes']} classes: a rank "
+                              "would hold no class centre")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +397,7 @@ def resume_into(cfg: Any, rank: int, world_size: int, backbone: torch.nn.Module,
     construction counts as a step), the LR the schedule's closed form there."""
     ckpts = read_set(cfg.output, num_classes=cfg.num_classes)
     merged = merge(ckpts)
-    mine = split(merged, world_size)[rank]
+    mine = split_rank(merged, world_size, rank)  # this rank only: no copy of the others' shards
     backbone.load_state_dict(mine["state_dict_backbone"])
     head.load_state_dict(mine["state_dict_softmax_fc"])
     opt.load_state_dict(mine["state_optimizer"])

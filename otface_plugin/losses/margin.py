@@ -45,7 +45,7 @@ def margin_logits(
         grad: ``"recipe"`` (straight-through on the angular margin, like arcface_torch) or
             ``"exact"``.
     """
-    if grad not in ("recipe", "exact"):
+    if grad not in GRADS:
         raise ValueError(f"grad must be 'recipe' or 'exact', got {grad!r}")
     labels = labels.view(-1).long()
     rows = torch.nonzero(labels != -1, as_tuple=False).view(-1)

@@ -188,7 +188,7 @@ class OTFaceTerm(torch.nn.Module):
         p, n, select = select_triplets(x @ x.t(), labels, self.triplet_mode, self.triplet_margin, logits)
         a = torch.arange(x.shape[0], device=x.device)
         if self.max_triplets is not None and self.max_triplets < x.shape[0]:
-            keep = most_violating(embeddings, (a, p, n), self.max_triplets, select)
+            keep = most_violating(x, (a, p, n), self.max_triplets, select)
             a, p, n, select = a[keep], p[keep], n[keep], select[keep]
         return a, p, n, select.float()
 
@@ -196,7 +196,8 @@ class OTFaceTerm(torch.nn.Module):
         """The ``max_triplets`` most violating triplets (:func:`~otface_plugin.mining.most_violating`)."""
         if self.max_triplets is None or a.numel() <= self.max_triplets:
             return a, p, n
-        keep = most_violating(embeddings, (a, p, n), self.max_triplets)
+        x = F.normalize(embeddings.detach().float(), dim=1)
+        keep = most_violating(x, (a, p, n), self.max_triplets)
         return a[keep], p[keep], n[keep]
 
     def components(self) -> Dict[str, float]:
@@ -421,10 +422,7 @@ def _check_passed_options(name: str, options: Optional[Mapping[str, Any]], accep
         return {}
     if not isinstance(options, Mapping):
         raise ValueError(f"OTFaceLoss {name} must be a mapping of options ({', '.join(accepted)}), got {options!r}")
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"unknown option(s) in OTFaceLoss {name}: {', '.join(unknown)}; "
-                        f"accepted options: {', '.join(accepted)}")
+    refuse_unknown(f"OTFaceLoss {name}", options, list(accepted))
     return dict(options)
 
 
