@@ -50,6 +50,7 @@ def load_yaml_config(config_file: str, base_cfg: Any) -> Any:
     """``get_config`` for ``configs/NAME.yaml``: check the job, merge it over ``base_cfg``."""
     import yaml
 
+    _config_errors_in_one_line()  # train_v2.py's get_config loads the YAML before prepare_config
     path = _find(config_file)
     with open(path, encoding="utf-8") as f:
         try:

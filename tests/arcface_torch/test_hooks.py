@@ -207,6 +207,23 @@ def test_config_errors_end_the_recipe_process_in_one_line(tmp_path):
         "0..39: set num_classes to at least 40 (PartialFC_V2 has a class for labels 0..num_classes-1 only)"]
 
 
+def test_yaml_errors_end_the_recipe_process_in_one_line(tmp_path):
+    """train_v2.py's get_config loads a YAML job before prepare_config: a wrong value there is one
+    line too, not a traceback on every rank."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "job.yaml").write_text("loss: otface\nnum_classes: null\n")
+    script = tmp_path / "job.py"
+    script.write_text(
+        "from easydict import EasyDict as edict\n"
+        "from otface_plugin.arcface_torch.config import load_yaml_config\n"
+        "load_yaml_config('configs/job.yaml', edict(num_classes=10, output=None))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": pythonpath()})
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("otface-plugin: bad config: configs/job.yaml: key 'num_classes'"), lines
+
+
 def test_pk_sampler_factory_gives_p_by_k_batches():
     class FolderLike(torch.utils.data.Dataset):
         targets = [i // 6 for i in range(48)]  # 8 identities x 6 images
